@@ -1,0 +1,749 @@
+"""The errand-boy wire protocol, version 1, without any I/O.
+
+Rule of this module: it never touches a socket, a pipe or a process. Both
+parsers are fed bytes as they arrive (any split, down to one byte at a
+time) and hand back events, or :data:`NEED_DATA` when they cannot say more
+yet. The encoders return bytes to send. The server and the client both use
+this module, so the two sides cannot drift apart.
+
+Framing, in both directions after the request::
+
+    <kind> <length>\\r\\n<payload>
+
+Large payloads (``O``, ``E`` and ``I`` frames) are handed on in pieces as
+they arrive: no buffer is ever sized from a length read off the wire, and a
+frame of a gigabyte costs no more memory than one read.
+
+Parse errors raise :class:`~errand_boy.exceptions.RemoteProtocolError`
+with the error ``code`` the server answers with (``bad-request`` or
+``too-large``); asking an encoder for something the protocol cannot carry
+raises :class:`~errand_boy.exceptions.LocalProtocolError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import signal
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .exceptions import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "MAGIC",
+    "TERMINATOR",
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "DEFAULT_MAX_FRAME_BYTES",
+    "ERROR_CODES",
+    "NEED_DATA",
+    "Request",
+    "Input",
+    "EndOfInput",
+    "EndOfStream",
+    "SignalRequest",
+    "Started",
+    "Output",
+    "Exited",
+    "Failed",
+    "StatusReply",
+    "RequestParser",
+    "ReplyParser",
+    "encode_request",
+    "encode_status_request",
+    "encode_simple_request",
+    "frame",
+    "frame_header",
+    "input_frame",
+    "end_of_input_frame",
+    "signal_frame",
+    "started_frame",
+    "exit_frame",
+    "error_frame",
+    "status_frame",
+]
+
+MAGIC = b"ERRAND/1 "
+TERMINATOR = b"\r\n\r\n"
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+DEFAULT_MAX_FRAME_BYTES = 16 << 20
+#: Frames whose payload is a small JSON object or number are collected whole,
+#: up to this size; anything longer is a protocol error.
+MAX_SMALL_PAYLOAD = 1 << 20
+
+ERROR_CODES = (
+    "bad-request",
+    "too-large",
+    "forbidden",
+    "spawn-failed",
+    "busy",
+    "shutting-down",
+    "internal",
+)
+EXIT_REASONS = ("exit", "signal", "timeout")
+
+_STREAM_CHOICES = {
+    "stdin": ("pipe", "null"),
+    "stdout": ("pipe", "null"),
+    "stderr": ("pipe", "stdout", "null"),
+}
+_RUN_MEMBERS = frozenset(("op", "cmd", "argv", "cwd", "env", "timeout", "stdin", "stdout", "stderr"))
+_VERSION_PREFIX = re.compile(rb"ERRAND/[0-9]+ ")
+_HEADER = re.compile(rb"(.) (0|[1-9][0-9]*)\r\n", re.DOTALL)
+# kind, space, at most 19 digits, CR LF: longer is never a valid header.
+_MAX_HEADER = 1 + 1 + 19 + 2
+_SIGNUM = re.compile(rb"[1-9][0-9]{0,2}")
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: Returned by ``next_event()`` when more bytes are needed to say anything.
+NEED_DATA: Any = _NeedData()
+
+
+# --------------------------------------------------------------------------
+# Events the server's parser produces (what a client sent)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A complete command block, in either form.
+
+    Strings arrive as bytes, with ``\\udcXX`` escapes turned back into the
+    bytes they stand for. ``simple`` tells which form the client used.
+    """
+
+    op: str = "run"
+    cmd: Optional[bytes] = None
+    argv: Optional[Tuple[bytes, ...]] = None
+    cwd: Optional[bytes] = None
+    env: Optional[Dict[bytes, bytes]] = None
+    timeout: Optional[float] = None
+    stdin: str = "pipe"
+    stdout: str = "pipe"
+    stderr: str = "pipe"
+    simple: bool = False
+
+    def args(self) -> List[bytes]:
+        """The argument vector to execute."""
+        if self.cmd is not None:
+            return [b"/bin/sh", b"-c", self.cmd]
+        assert self.argv is not None
+        return list(self.argv)
+
+
+@dataclass(frozen=True)
+class Input:
+    """Bytes for the command's standard input (one piece of a frame)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class EndOfInput:
+    """The client closed the command's standard input."""
+
+
+@dataclass(frozen=True)
+class EndOfStream:
+    """The client half-closed its side; nothing more will arrive."""
+
+
+@dataclass(frozen=True)
+class SignalRequest:
+    """A ``K`` frame: send ``signum`` to the command's process group."""
+
+    signum: int
+
+
+# --------------------------------------------------------------------------
+# Events the client's parser produces (what the server sent)
+
+
+@dataclass(frozen=True)
+class Started:
+    """The ``P`` frame: the command runs as process ``pid``."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class Output:
+    """A piece of an ``O`` (``fd`` 1) or ``E`` (``fd`` 2) frame."""
+
+    fd: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Exited:
+    """The ``X`` frame: the command ended and all its output was sent."""
+
+    returncode: int
+    reason: str
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The ``!`` frame: the request failed with ``error``."""
+
+    error: str
+    message: str
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    """The ``S`` frame: the server's figures."""
+
+    info: Dict[str, Any]
+
+
+ServerEvent = Union[Request, Input, EndOfInput, EndOfStream, SignalRequest]
+ClientEvent = Union[Started, Output, Exited, Failed, StatusReply]
+
+
+# --------------------------------------------------------------------------
+# Encoders
+
+
+def frame_header(kind: bytes, length: int) -> bytes:
+    """The header of a frame of ``kind`` whose payload is ``length`` bytes."""
+    return b"%s %d\r\n" % (kind, length)
+
+
+def frame(kind: bytes, payload: bytes) -> bytes:
+    """A whole frame."""
+    return b"%s %d\r\n%s" % (kind, len(payload), payload)
+
+
+def _json_payload(obj: Mapping[str, Any]) -> bytes:
+    # ensure_ascii keeps lone surrogates (\udcXX) and any CR/LF escaped.
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+def input_frame(data: bytes) -> bytes:
+    """An ``I`` frame carrying ``data`` (which must not be empty)."""
+    if not data:
+        raise LocalProtocolError("an empty I frame closes standard input; use end_of_input_frame()")
+    return frame(b"I", bytes(data))
+
+
+def end_of_input_frame() -> bytes:
+    """The ``I`` frame of length 0 that closes the command's standard input."""
+    return b"I 0\r\n"
+
+
+def signal_frame(signum: int) -> bytes:
+    """A ``K`` frame asking the server to send ``signum`` to the command."""
+    signum = int(signum)
+    if signum not in _valid_signals():
+        raise LocalProtocolError(f"{signum} is not a valid signal number")
+    return frame(b"K", str(signum).encode("ascii"))
+
+
+def started_frame(pid: int) -> bytes:
+    return frame(b"P", str(int(pid)).encode("ascii"))
+
+
+def exit_frame(returncode: int, reason: str, **extra: Any) -> bytes:
+    if reason not in EXIT_REASONS:
+        raise LocalProtocolError(f"unknown exit reason {reason!r}")
+    return frame(b"X", _json_payload({"returncode": int(returncode), "reason": reason, **extra}))
+
+
+def error_frame(code: str, message: str, **extra: Any) -> bytes:
+    if code not in ERROR_CODES:
+        raise LocalProtocolError(f"unknown error code {code!r}")
+    return frame(b"!", _json_payload({"error": code, "message": message, **extra}))
+
+
+def status_frame(info: Mapping[str, Any]) -> bytes:
+    return frame(b"S", _json_payload(info))
+
+
+def _to_wire_str(value: Any, what: str) -> str:
+    """A str or bytes (or path) as the JSON string that carries it."""
+    if hasattr(value, "__fspath__"):
+        value = value.__fspath__()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "surrogateescape")
+    if not isinstance(value, str):
+        raise LocalProtocolError(f"{what} must be str, bytes or a path, not {type(value).__name__}")
+    if "\0" in value:
+        raise LocalProtocolError(f"embedded null byte in {what}")
+    try:
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise LocalProtocolError(f"{what} holds a lone surrogate that stands for no byte") from None
+    return value
+
+
+def encode_request(
+    *,
+    cmd: Union[str, bytes, None] = None,
+    argv: Optional[Sequence[Any]] = None,
+    cwd: Any = None,
+    env: Optional[Mapping[Any, Any]] = None,
+    timeout: Optional[float] = None,
+    stdin: str = "pipe",
+    stdout: str = "pipe",
+    stderr: str = "pipe",
+) -> bytes:
+    """The command block of an extended-form ``run`` request.
+
+    Exactly one of ``cmd`` (a shell command) and ``argv`` (a program and its
+    arguments) is required. Members left at their defaults are not sent.
+    """
+    if (cmd is None) == (argv is None):
+        raise LocalProtocolError("exactly one of cmd and argv is required")
+    obj: Dict[str, Any] = {}
+    if cmd is not None:
+        obj["cmd"] = _to_wire_str(cmd, "cmd")
+    else:
+        assert argv is not None
+        if isinstance(argv, (str, bytes)):
+            raise LocalProtocolError("argv must be a sequence of arguments, not a single string")
+        obj["argv"] = [_to_wire_str(a, "argv") for a in argv]
+        if not obj["argv"] or not obj["argv"][0]:
+            raise LocalProtocolError("argv needs a non-empty program name")
+    if cwd is not None:
+        obj["cwd"] = _to_wire_str(cwd, "cwd")
+    if env is not None:
+        wire_env = {}
+        for key, value in env.items():
+            k = _to_wire_str(key, "an env name")
+            if not k or "=" in k:
+                raise LocalProtocolError(f"illegal environment variable name {k!r}")
+            wire_env[k] = _to_wire_str(value, f"env[{k!r}]")
+        obj["env"] = wire_env
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise LocalProtocolError("timeout must be a number of seconds")
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise LocalProtocolError("timeout must be a finite number greater than 0")
+        obj["timeout"] = timeout
+    for name, value in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
+        if value not in _STREAM_CHOICES[name]:
+            raise LocalProtocolError(f"{name} must be one of {_STREAM_CHOICES[name]}, not {value!r}")
+        if value != "pipe":
+            obj[name] = value
+    return MAGIC + _json_payload(obj) + TERMINATOR
+
+
+def encode_status_request() -> bytes:
+    """The command block that asks for the server's figures."""
+    return MAGIC + b'{"op":"status"}' + TERMINATOR
+
+
+def encode_simple_request(command: Union[str, bytes], input: bytes = b"") -> bytes:
+    """A whole simple-form request: the command, then all of its input."""
+    if isinstance(command, str):
+        command = command.encode("utf-8", "surrogateescape")
+    if not command or b"\0" in command:
+        raise LocalProtocolError("a simple-form command must be non-empty and without NUL")
+    for part, what in ((command, "command"), (input, "input")):
+        if TERMINATOR in part or part.endswith(b"\r\n"):
+            raise LocalProtocolError(f"the simple form cannot carry this {what}; use the extended form")
+    if command.startswith(MAGIC) or _VERSION_PREFIX.match(command):
+        raise LocalProtocolError("the command would be read as an extended-form request")
+    return command + TERMINATOR + bytes(input) + TERMINATOR
+
+
+# --------------------------------------------------------------------------
+# Parsers
+
+
+def _valid_signals() -> frozenset:
+    return _SIGNALS
+
+
+_SIGNALS = frozenset(int(s) for s in signal.valid_signals() if int(s) > 0)
+
+
+class _FrameReader:
+    """Splits a byte stream into frames; shared by both parsers.
+
+    ``streamed`` kinds are handed on in pieces as their payload arrives;
+    the others are collected whole, up to ``small_limit`` bytes.
+    """
+
+    def __init__(self, kinds: bytes, streamed: bytes, max_frame: int, small_limit: int, peer: str) -> None:
+        self._kinds = kinds
+        self._streamed = streamed
+        self._max_frame = max_frame
+        self._small_limit = small_limit
+        self._peer = peer
+        self._kind = b""  # kind of the frame whose payload is being read
+        self._remaining = 0
+        self._started = False  # a streamed frame's first piece was handed on
+
+    @property
+    def in_frame(self) -> bool:
+        return bool(self._kind)
+
+    def next(self, buf: bytearray) -> Optional[Tuple[bytes, bytes, bool]]:
+        """Take the next (kind, payload-piece, is-last-piece) from ``buf``.
+
+        A zero-length frame yields one empty piece. Returns None when more
+        bytes are needed.
+        """
+        if not self._kind:
+            if not buf:
+                return None
+            kind = bytes(buf[:1])
+            if kind not in self._kinds:
+                raise RemoteProtocolError(f"unknown frame kind {kind!r} from the {self._peer}")
+            end = buf.find(b"\r\n", 0, _MAX_HEADER)
+            if end < 0:
+                if len(buf) >= _MAX_HEADER:
+                    raise RemoteProtocolError(f"malformed frame header from the {self._peer}")
+                if not re.fullmatch(rb". ?[0-9]*\r?", bytes(buf), re.DOTALL):
+                    raise RemoteProtocolError(f"malformed frame header from the {self._peer}")
+                return None
+            match = _HEADER.fullmatch(bytes(buf[: end + 2]))
+            if match is None:
+                raise RemoteProtocolError(f"malformed frame header from the {self._peer}")
+            length = int(match.group(2))
+            limit = self._max_frame if kind in self._streamed else self._small_limit
+            if length > limit:
+                raise RemoteProtocolError(
+                    f"a {kind.decode()} frame of {length} bytes exceeds the limit of {limit}", "too-large"
+                )
+            del buf[: end + 2]
+            self._kind, self._remaining, self._started = kind, length, False
+        kind = self._kind
+        if kind in self._streamed:
+            if self._remaining and not buf:
+                return None
+            take = min(self._remaining, len(buf))
+            piece = bytes(buf[:take])
+            del buf[:take]
+            self._remaining -= take
+            last = self._remaining == 0
+            if last:
+                self._kind = b""
+            self._started = True
+            return kind, piece, last
+        if len(buf) < self._remaining:
+            return None
+        piece = bytes(buf[: self._remaining])
+        del buf[: self._remaining]
+        self._kind, self._remaining = b"", 0
+        return kind, piece, True
+
+
+class RequestParser:
+    """The server's side: reads what a client sends.
+
+    Feed bytes with :meth:`receive_data` (``b""`` for end of stream) and
+    take events with :meth:`next_event` until it returns :data:`NEED_DATA`.
+    Events, in order: one :class:`Request`; then :class:`Input` pieces,
+    :class:`SignalRequest`, :class:`EndOfInput` (an ``I 0`` frame, or the
+    simple form's terminator), and finally :class:`EndOfStream` when the
+    client half-closes. Errors raise :class:`RemoteProtocolError`; the
+    parser is then dead.
+    """
+
+    def __init__(
+        self,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
+        self.max_request_bytes = max_request_bytes
+        self._buf = bytearray()
+        self._eof = False
+        self._eof_reported = False
+        self._state = "request"  # request, simple-input, discard, frames, error
+        self._scan_from = 0
+        self.request: Optional[Request] = None
+        self._frames = _FrameReader(b"IK", b"I", max_frame_bytes, 8, "client")
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the client; ``b""`` means it half-closed."""
+        if self._eof:
+            if data:
+                raise RuntimeError("data received after the end of the stream")
+            return
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    @property
+    def buffered(self) -> int:
+        """How many received bytes have not yet been turned into events."""
+        return len(self._buf)
+
+    def next_event(self) -> Any:
+        if self._state == "error":
+            raise RuntimeError("the parser already failed")
+        try:
+            return self._next_event()
+        except RemoteProtocolError:
+            self._state = "error"
+            raise
+
+    def _next_event(self) -> Any:
+        state = self._state
+        if state == "request":
+            return self._read_request()
+        if state == "simple-input":
+            return self._read_simple_input()
+        if state == "frames":
+            return self._read_frame()
+        # discard: the simple form's bytes after its terminator are ignored
+        self._buf.clear()
+        return self._end_of_stream()
+
+    def _end_of_stream(self) -> Any:
+        if self._eof and not self._eof_reported:
+            self._eof_reported = True
+            return EndOfStream()
+        return NEED_DATA
+
+    def _read_request(self) -> Any:
+        buf = self._buf
+        end = buf.find(TERMINATOR, self._scan_from)
+        if end < 0:
+            if len(buf) - 3 > self.max_request_bytes:
+                raise RemoteProtocolError(
+                    f"the command block exceeds the server's limit of {self.max_request_bytes} bytes",
+                    "too-large",
+                )
+            if self._eof:
+                raise RemoteProtocolError(
+                    "the connection ended before the command block's terminating CR LF CR LF"
+                )
+            self._scan_from = max(0, len(buf) - 3)
+            return NEED_DATA
+        if end > self.max_request_bytes:
+            raise RemoteProtocolError(
+                f"the command block exceeds the server's limit of {self.max_request_bytes} bytes", "too-large"
+            )
+        block = bytes(buf[:end])
+        del buf[: end + 4]
+        if block.startswith(MAGIC):
+            self.request = parse_extended_block(block[len(MAGIC) :])
+            self._state = "frames"
+        else:
+            self.request = parse_simple_block(block)
+            self._state = "simple-input"
+        return self.request
+
+    def _read_simple_input(self) -> Any:
+        buf = self._buf
+        end = buf.find(TERMINATOR)
+        if end >= 0:
+            if end:
+                data = bytes(buf[:end])
+                del buf[:end]
+                return Input(data)
+            self._state = "discard"
+            buf.clear()
+            return EndOfInput()
+        if self._eof:
+            if buf:
+                data = bytes(buf)
+                buf.clear()
+                return Input(data)
+            self._state = "discard"
+            return EndOfInput()
+        # Hold back a tail that may be the start of the terminator.
+        keep = 0
+        for n in (3, 2, 1):
+            if buf.endswith(TERMINATOR[:n]):
+                keep = n
+                break
+        if len(buf) > keep:
+            data = bytes(buf[: len(buf) - keep])
+            del buf[: len(buf) - keep]
+            return Input(data)
+        return NEED_DATA
+
+    def _read_frame(self) -> Any:
+        got = self._frames.next(self._buf)
+        if got is None:
+            if self._eof:
+                if self._frames.in_frame or self._buf:
+                    raise RemoteProtocolError("the client half-closed inside a frame")
+                return self._end_of_stream()
+            return NEED_DATA
+        kind, piece, last = got
+        if kind == b"I":
+            if piece:
+                return Input(piece)
+            return EndOfInput()
+        # K: a decimal signal number
+        if not _SIGNUM.fullmatch(piece) or int(piece) not in _SIGNALS:
+            raise RemoteProtocolError(f"invalid signal number {piece[:16]!r} in a K frame")
+        return SignalRequest(int(piece))
+
+
+def parse_simple_block(block: bytes) -> Request:
+    """The Request for a simple-form command block."""
+    if not block:
+        raise RemoteProtocolError("empty command")
+    if b"\0" in block:
+        raise RemoteProtocolError("the command contains a NUL byte")
+    version = _VERSION_PREFIX.match(block)
+    if version is not None:
+        raise RemoteProtocolError(
+            f"unsupported protocol version {version.group().strip().decode()!r}; this server speaks ERRAND/1"
+        )
+    return Request(cmd=block, simple=True)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_extended_block(payload: bytes) -> Request:
+    """The Request for the JSON object of an extended-form command block."""
+    if b"\r" in payload or b"\n" in payload:
+        raise RemoteProtocolError("raw CR or LF inside the request's JSON object")
+    try:
+        obj = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise RemoteProtocolError(f"the request is not a valid UTF-8 JSON object: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError("the request must be a JSON object")
+    op = obj.get("op", "run")
+    if op == "status":
+        extra = sorted(set(obj) - {"op"})
+        if extra:
+            raise RemoteProtocolError(f"member {extra[0]!r}: op 'status' takes no other member")
+        return Request(op="status")
+    if op != "run":
+        raise RemoteProtocolError(f"member 'op': must be 'run' or 'status', not {op!r}")
+    for name in obj:
+        if name not in _RUN_MEMBERS:
+            raise RemoteProtocolError(f"member {name!r}: unknown member")
+    if ("cmd" in obj) == ("argv" in obj):
+        raise RemoteProtocolError("member 'cmd'/'argv': exactly one of them is required")
+    cmd = argv = cwd = env = None
+    if "cmd" in obj:
+        cmd = _wire_bytes(obj["cmd"], "cmd")
+    else:
+        value = obj["argv"]
+        if not isinstance(value, list) or not value:
+            raise RemoteProtocolError("member 'argv': must be a non-empty array of strings")
+        argv = tuple(_wire_bytes(a, "argv") for a in value)
+        if not argv[0]:
+            raise RemoteProtocolError("member 'argv': the program name is empty")
+    if "cwd" in obj:
+        cwd = _wire_bytes(obj["cwd"], "cwd")
+        if not cwd:
+            raise RemoteProtocolError("member 'cwd': must not be empty")
+    if "env" in obj:
+        value = obj["env"]
+        if not isinstance(value, dict):
+            raise RemoteProtocolError("member 'env': must be an object of strings")
+        env = {}
+        for key, val in value.items():
+            k = _wire_bytes(key, "env")
+            if not k or b"=" in k:
+                raise RemoteProtocolError(f"member 'env': illegal variable name {key!r}")
+            env[k] = _wire_bytes(val, "env")
+    timeout = None
+    if "timeout" in obj:
+        timeout = obj["timeout"]
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise RemoteProtocolError("member 'timeout': must be a number")
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise RemoteProtocolError("member 'timeout': must be greater than 0")
+        timeout = float(timeout)
+    streams = {}
+    for name, choices in _STREAM_CHOICES.items():
+        value = obj.get(name, "pipe")
+        if value not in choices:
+            raise RemoteProtocolError(f"member {name!r}: must be one of {', '.join(choices)}")
+        streams[name] = value
+    return Request(cmd=cmd, argv=argv, cwd=cwd, env=env, timeout=timeout, **streams)
+
+
+def _wire_bytes(value: Any, member: str) -> bytes:
+    if not isinstance(value, str):
+        raise RemoteProtocolError(f"member {member!r}: must be a string")
+    try:
+        data = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise RemoteProtocolError(f"member {member!r}: a lone surrogate that stands for no byte") from None
+    if b"\0" in data:
+        raise RemoteProtocolError(f"member {member!r}: contains a NUL character")
+    return data
+
+
+class ReplyParser:
+    """The client's side: reads what the server sends back.
+
+    Events: :class:`Started`, :class:`Output` pieces, then one of
+    :class:`Exited`, :class:`Failed` or :class:`StatusReply`, after which
+    :attr:`done` is true and further bytes are ignored. An end of stream
+    before that raises :class:`RemoteProtocolError`.
+    """
+
+    def __init__(self, max_frame_bytes: int = 1 << 62) -> None:
+        self._buf = bytearray()
+        self._eof = False
+        self.done = False
+        self.pid: Optional[int] = None
+        self._frames = _FrameReader(b"POEX!S", b"OE", max_frame_bytes, MAX_SMALL_PAYLOAD, "server")
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the server; ``b""`` means it closed."""
+        if self.done:
+            return
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Any:
+        if self.done:
+            return NEED_DATA
+        got = self._frames.next(self._buf)
+        if got is None:
+            if self._eof:
+                raise RemoteProtocolError("the server closed the connection before the reply was complete")
+            return NEED_DATA
+        kind, piece, last = got
+        if kind == b"O" or kind == b"E":
+            if not piece:
+                return self.next_event()
+            return Output(1 if kind == b"O" else 2, piece)
+        if kind == b"P":
+            if not re.fullmatch(rb"[1-9][0-9]{0,18}", piece):
+                raise RemoteProtocolError(f"invalid process id {piece[:32]!r} in a P frame")
+            self.pid = int(piece)
+            return Started(self.pid)
+        obj = _reply_object(kind, piece)
+        self.done = True
+        self._buf.clear()
+        if kind == b"X":
+            code = obj.get("returncode")
+            reason = obj.get("reason")
+            if isinstance(code, bool) or not isinstance(code, int) or not isinstance(reason, str):
+                raise RemoteProtocolError("an X frame needs an integer returncode and a reason")
+            return Exited(code, reason, obj)
+        if kind == b"!":
+            error = obj.get("error")
+            if not isinstance(error, str):
+                raise RemoteProtocolError("a ! frame needs an error code")
+            return Failed(error, str(obj.get("message", "")), obj)
+        return StatusReply(obj)
+
+
+def _reply_object(kind: bytes, payload: bytes) -> Dict[str, Any]:
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise RemoteProtocolError(f"the {kind.decode()} frame is not a JSON object: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(f"the {kind.decode()} frame is not a JSON object")
+    return obj

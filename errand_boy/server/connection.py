@@ -1,0 +1,461 @@
+"""One client connection: request, spawn, pump, reap, reply.
+
+The life of a connection::
+
+    reading request --Request--> running --exit + both pipes at EOF--> X sent, closed
+          |                         |
+          +--bad bytes--> ! sent, draining (bounded) --> closed
+                                    +--client gone / timeout / K--> process group signalled
+
+Backpressure both ways: a command's pipes are read only while the frames
+already queued for the client are below ``HIGH_WATER`` (a paused pipe is
+taken out of the epoll set: masking it would let its end-of-file overtake
+queued data), and the client socket is read only while the input queued
+for the command's stdin is below ``HIGH_WATER``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+from typing import TYPE_CHECKING, Any, List, Optional
+
+from .. import protocol
+from ..exceptions import RemoteProtocolError
+from .loop import ERR, HUP, IN, OUT, RDHUP, Flushable, Timer
+from .spawn import Child, SpawnError, spawn
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("errand_boy.server")
+
+READ_SIZE = 1 << 20
+RECV_SIZE = 1 << 18
+HIGH_WATER = 1 << 20
+#: How long P may wait to travel with the first output or the exit.
+P_HOLD = 0.003
+#: After a `!`, how long and how much of the client's rest is read and dropped.
+DRAIN_SECONDS = 1.0
+DRAIN_BYTES = 1 << 20
+#: After a timeout kill, how long pipes held open by an escaped process are waited for.
+KILL_GRACE = 2.0
+
+_SIGKILL = signal.SIGKILL
+
+
+class Connection(Flushable):
+    def __init__(self, worker: "Worker", sock: socket.socket, peer_uid: int, peer_pid: int) -> None:
+        self.worker = worker
+        self.loop = worker.loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer_uid = peer_uid
+        self.peer_pid = peer_pid
+        self.parser = protocol.RequestParser(worker.config.max_request_bytes, worker.config.max_frame_bytes)
+        self.state = "request"  # request, running, draining, closed
+        self.request: Optional[protocol.Request] = None
+        self.child: Optional[Child] = None
+        self.pid = 0
+        self.out: List[bytes] = []  # frames waiting for the socket
+        self.out_bytes = 0
+        self.sock_mask = IN | RDHUP
+        self.reading = True  # the socket is read (not paused, not at EOF)
+        self.pipes_paused = False
+        self.stdin_queue = bytearray()
+        self.stdin_closing = False
+        self.p_sent = False
+        self.status: Optional[int] = None  # wait status once reaped
+        self.cpu = 0.0
+        self.timed_out = False
+        self.started = 0.0
+        self.bytes_out = 0
+        self.timers: List[Timer] = []
+        self.drained = 0
+        self.loop.register(self.fd, self.sock_mask, self.on_socket)
+        if worker.config.request_timeout:
+            self.timers.append(self.loop.call_later(worker.config.request_timeout, self.on_request_timeout))
+
+    # ------------------------------------------------------------------
+    # the client socket
+
+    def on_socket(self, mask: int) -> None:
+        try:
+            if mask & (HUP | ERR):
+                # A full close (or an error): the client has gone away.
+                if self.state == "draining":
+                    self.close()
+                else:
+                    self.abort("the client closed the connection")
+                return
+            if mask & OUT:
+                self.flush()
+            if mask & (IN | RDHUP) and self.reading:
+                self.read_client()
+        except Exception:
+            self.internal_error()
+
+    def read_client(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort("the connection failed")
+            return
+        if self.state not in ("request", "running"):
+            # The reply is decided: what the client still sends is dropped.
+            self.drained += len(data)
+            if self.state == "draining" and (not data or self.drained > DRAIN_BYTES):
+                self.close()
+            elif not data:
+                self.reading = False
+                self.set_socket_mask()
+            return
+        if not data:
+            self.reading = False
+            self.set_socket_mask()
+        self.parser.receive_data(data)
+        try:
+            while self.state != "closed":
+                event = self.parser.next_event()
+                if event is protocol.NEED_DATA:
+                    break
+                self.handle(event)
+        except RemoteProtocolError as exc:
+            self.fail(exc.code, exc.message)
+
+    def handle(self, event: Any) -> None:
+        kind = type(event)
+        if kind is protocol.Input:
+            if self.child is not None and self.child.stdin is not None and not self.stdin_closing:
+                self.stdin_queue += event.data
+                self.write_stdin()
+        elif kind is protocol.Request:
+            self.start(event)
+        elif kind is protocol.EndOfInput or kind is protocol.EndOfStream:
+            self.stdin_closing = True
+            self.write_stdin()
+        elif kind is protocol.SignalRequest:
+            self.signal_group(event.signum)
+
+    def set_socket_mask(self) -> None:
+        mask = 0
+        if self.reading and len(self.stdin_queue) < HIGH_WATER:
+            mask |= IN | RDHUP
+        if self.out:
+            mask |= OUT
+        if mask != self.sock_mask and self.state != "closed":
+            self.sock_mask = mask
+            # An empty mask still reports HUP: a vanished client is noticed
+            # even while we are not reading.
+            self.loop.modify(self.fd, mask)
+
+    # ------------------------------------------------------------------
+    # starting the command
+
+    def start(self, request: protocol.Request) -> None:
+        self.request = request
+        self.cancel_timers()
+        worker = self.worker
+        if request.op == "status":
+            self.queue(protocol.status_frame(worker.status()))
+            self.state = "closing"
+            return
+        if worker.stopping:
+            self.fail("shutting-down", "the server is shutting down and takes no new commands")
+            return
+        self.started = time.monotonic()
+        try:
+            child = spawn(request)
+        except SpawnError as exc:
+            extra = {"errno": exc.errno} if exc.errno is not None else {}
+            if exc.filename is not None:
+                extra["filename"] = exc.filename
+            self.fail("spawn-failed", exc.message, **extra)
+            worker.command_failed(self, exc.message)
+            return
+        self.child = child
+        self.pid = child.pid
+        self.state = "running"
+        worker.command_started(self)
+        loop = self.loop
+        self.resume_pipes()
+        self.timers.append(loop.call_later(P_HOLD, self.send_started))
+        if request.timeout is not None:
+            self.timers.append(loop.call_later(request.timeout, self.on_timeout))
+
+    def send_started(self) -> None:
+        if not self.p_sent and self.state == "running":
+            self.p_sent = True
+            self.queue(protocol.started_frame(self.pid))
+
+    # ------------------------------------------------------------------
+    # the command's pipes
+
+    def on_stdout(self, mask: int) -> None:
+        self.pump("stdout", b"O")
+
+    def on_stderr(self, mask: int) -> None:
+        self.pump("stderr", b"E")
+
+    def pump(self, name: str, kind: bytes) -> None:
+        """Move what the command wrote on one pipe into a frame."""
+        child = self.child
+        assert child is not None
+        fd = getattr(child, name)
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.send_started()
+            self.queue(protocol.frame_header(kind, len(data)))
+            self.queue(data)
+            self.bytes_out += len(data)
+            if self.out_bytes >= HIGH_WATER:
+                self.pause_pipes()
+            return
+        self.loop.unregister(fd)
+        os.close(fd)
+        setattr(child, name, None)
+        self.maybe_finish()
+
+    def write_stdin(self) -> None:
+        child = self.child
+        if child is None or child.stdin is None:
+            return
+        queue = self.stdin_queue
+        if queue:
+            try:
+                written = os.write(child.stdin, queue)
+                del queue[:written]
+            except BlockingIOError:
+                pass
+            except OSError:  # the command closed its stdin: drop what it would not read
+                queue.clear()
+                self.stdin_closing = True
+        fd = child.stdin
+        if not queue and self.stdin_closing:
+            self.loop.unregister(fd)
+            os.close(fd)
+            child.stdin = None
+        elif queue and not self.loop.registered(fd):
+            self.loop.register(fd, OUT, self.on_stdin_writable)
+        elif not queue and self.loop.registered(fd):
+            self.loop.unregister(fd)
+        self.set_socket_mask()
+
+    def on_stdin_writable(self, mask: int) -> None:
+        try:
+            self.write_stdin()
+        except Exception:
+            self.internal_error()
+
+    def signal_group(self, signum: int) -> None:
+        if self.state != "running" or self.status is not None and not self.pipes_open():
+            return
+        try:
+            os.killpg(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def on_timeout(self) -> None:
+        if self.state != "running":
+            return
+        self.timed_out = True
+        self.signal_group(_SIGKILL)
+        self.timers.append(self.loop.call_later(KILL_GRACE, self.give_up_pipes))
+
+    def give_up_pipes(self) -> None:
+        """Stop waiting for pipes that a process outside the group holds open."""
+        if self.state == "running":
+            self.close_pipes()
+            self.maybe_finish()
+
+    # ------------------------------------------------------------------
+    # the end
+
+    def pipes_open(self) -> bool:
+        child = self.child
+        return child is not None and (child.stdout is not None or child.stderr is not None)
+
+    def on_exit(self, status: int, cpu: float) -> None:
+        """The worker reaped our command's process."""
+        self.status = status
+        self.cpu = cpu
+        self.maybe_finish()
+
+    def maybe_finish(self) -> None:
+        if self.state != "running" or self.status is None or self.pipes_open():
+            return
+        # Whatever is left of the command's group is killed: nothing it
+        # started survives it. (The group cannot be a new one yet: its id
+        # was the leader's pid, which another group cannot take while any
+        # member lives.)
+        try:
+            os.killpg(self.pid, _SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.close_stdin()
+        returncode = os.waitstatus_to_exitcode(self.status)
+        if self.timed_out:
+            reason = "timeout"
+        elif returncode < 0:
+            reason = "signal"
+        else:
+            reason = "exit"
+        duration = time.monotonic() - self.started
+        self.send_started()
+        self.queue(
+            protocol.exit_frame(returncode, reason, duration=round(duration, 6), cpu=round(self.cpu, 6))
+        )
+        self.state = "closing"
+        self.cancel_timers()
+        self.worker.command_finished(self, returncode, reason, duration)
+
+    def fail(self, code: str, message: str, **extra: Any) -> None:
+        """Answer with a `!` frame, then drain what the client still sends."""
+        if self.state in ("draining", "closed", "closing"):
+            return
+        if self.state == "running":
+            self.signal_group(_SIGKILL)
+            self.close_pipes()
+            self.close_stdin()
+            self.worker.command_aborted(self, f"{code}: {message}")
+        self.cancel_timers()
+        self.out.clear()
+        self.out_bytes = 0
+        self.queue(protocol.error_frame(code, message, **extra))
+        self.state = "draining-pending"
+
+    def internal_error(self) -> None:
+        log.exception("internal error on a connection (command pid %s)", self.pid or "-")
+        try:
+            self.fail("internal", "the server failed while handling this request")
+            self.flush()
+        except Exception:
+            log.exception("cannot report the internal error; closing the connection")
+            self.close()
+
+    def on_request_timeout(self) -> None:
+        if self.state == "request":
+            self.fail("bad-request", "no complete request arrived in time")
+
+    def abort(self, why: str) -> None:
+        """The client is gone: kill the command's group and close."""
+        if self.state == "running":
+            self.signal_group(_SIGKILL)
+            self.worker.command_aborted(self, why)
+        self.close()
+
+    # ------------------------------------------------------------------
+    # output
+
+    def queue(self, data: bytes) -> None:
+        self.out.append(data)
+        self.out_bytes += len(data)
+        self.loop.mark_dirty(self)
+
+    def flush(self) -> None:
+        out = self.out
+        if self.state == "closed":
+            return
+        while out:
+            try:
+                sent = self.sock.sendmsg(out if len(out) <= 64 else out[:64])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.abort("the client went away")
+                return
+            self.out_bytes -= sent
+            while sent:
+                head = out[0]
+                if sent >= len(head):
+                    sent -= len(head)
+                    out.pop(0)
+                else:
+                    out[0] = head[sent:]
+                    sent = 0
+        if out:
+            self.set_socket_mask()
+            return
+        if self.state == "closing":
+            self.close()
+            return
+        if self.state == "draining-pending":
+            self.state = "draining"
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self.close()
+                return
+            self.reading = True
+            self.timers.append(self.loop.call_later(DRAIN_SECONDS, self.close))
+        self.set_socket_mask()
+        if self.pipes_paused:
+            self.resume_pipes()
+
+    def pause_pipes(self) -> None:
+        child = self.child
+        if child is None or self.pipes_paused:
+            return
+        self.pipes_paused = True
+        for fd in (child.stdout, child.stderr):
+            if fd is not None:
+                self.loop.unregister(fd)
+
+    def resume_pipes(self) -> None:
+        child = self.child
+        self.pipes_paused = False
+        if child is None:
+            return
+        if child.stdout is not None and not self.loop.registered(child.stdout):
+            self.loop.register(child.stdout, IN, self.on_stdout)
+        if child.stderr is not None and not self.loop.registered(child.stderr):
+            self.loop.register(child.stderr, IN, self.on_stderr)
+
+    # ------------------------------------------------------------------
+    # clean-up
+
+    def close_pipes(self) -> None:
+        child = self.child
+        if child is None:
+            return
+        for name in ("stdout", "stderr"):
+            fd = getattr(child, name)
+            if fd is not None:
+                self.loop.unregister(fd)
+                os.close(fd)
+                setattr(child, name, None)
+
+    def close_stdin(self) -> None:
+        child = self.child
+        if child is not None and child.stdin is not None:
+            self.loop.unregister(child.stdin)
+            os.close(child.stdin)
+            child.stdin = None
+
+    def cancel_timers(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers.clear()
+
+    def close(self) -> None:
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        self.cancel_timers()
+        self.close_pipes()
+        self.close_stdin()
+        self.loop.unregister(self.fd)
+        self.sock.close()
+        self.out.clear()
+        self.worker.connection_closed(self)

@@ -1,0 +1,113 @@
+"""Fixtures: real errand-boy servers on private sockets.
+
+Every server a test starts is stopped (SIGTERM, then SIGKILL if it does not
+go) and its socket directory removed, whatever the test did.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import pytest
+
+
+class ServerProcess:
+    """A server started with ``python -m errand_boy.run`` on a private socket."""
+
+    def __init__(self, socket_path: str, args: List[str], env: Optional[dict] = None) -> None:
+        self.socket_path = socket_path
+        self.args = [sys.executable, "-m", "errand_boy.run", "--socket", socket_path, *args]
+        self.log_path = socket_path + ".log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.wait_ready()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect(self.socket_path)
+                    s.sendall(b'ERRAND/1 {"op":"status"}\r\n\r\n')
+                    s.settimeout(5)
+                    reply = b""
+                    while True:
+                        chunk = s.recv(65536)
+                        if not chunk:
+                            break
+                        reply += chunk
+                    if reply.startswith(b"S "):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError(f"server did not become ready:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return Path(self.log_path).read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[str]:
+    # AF_UNIX paths are limited to 108 bytes: keep them short.
+    path = tempfile.mkdtemp(prefix="eb-")
+    try:
+        yield path
+    finally:
+        for name in os.listdir(path):
+            os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+
+
+@pytest.fixture
+def start_server(sock_dir: str) -> Iterator:
+    """Call with extra server options; returns a running ServerProcess."""
+    started: List[ServerProcess] = []
+
+    def start(*args: str, name: str = "sock", env: Optional[dict] = None) -> ServerProcess:
+        server = ServerProcess(os.path.join(sock_dir, name), list(args), env=env)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture
+def server(start_server) -> ServerProcess:
+    """A running server with two workers."""
+    return start_server("--pool-size", "2")
+
+
+@pytest.fixture
+def socket_path(server: ServerProcess) -> str:
+    return server.socket_path
