@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import select
 import time
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 Handler = Callable[[int], None]
+log = logging.getLogger("errand_boy.server")
 
 IN = select.EPOLLIN
 OUT = select.EPOLLOUT
@@ -92,19 +94,28 @@ class Loop:
         for fd, mask in events:
             handler = handlers.get(fd)
             if handler is not None:  # an earlier handler may have closed it
-                handler(mask)
+                try:
+                    handler(mask)
+                except Exception:
+                    log.exception("unhandled error in an event handler (fd %d)", fd)
         while timers and (timers[0][0] <= self.now or timers[0][2].cancelled):
             timer = heapq.heappop(timers)[2]
             if not timer.cancelled:
                 timer.cancelled = True
-                timer.callback()
+                try:
+                    timer.callback()
+                except Exception:
+                    log.exception("unhandled error in a timer")
         self.flush()
 
     def flush(self) -> None:
         while self._dirty:
             dirty, self._dirty = self._dirty, set()
             for item in dirty:
-                item.flush()
+                try:
+                    item.flush()
+                except Exception:
+                    log.exception("unhandled error while sending")
 
     def close(self) -> None:
         self._epoll.close()

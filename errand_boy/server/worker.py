@@ -156,6 +156,10 @@ class Worker:
         if uid != self.uid and uid != 0:
             log.warning("refused a connection from uid %d (pid %d)", uid, pid)
             conn.fail("forbidden", f"user {uid} is not allowed to run commands on this server")
+        elif not self.stopping:
+            # Clients send the request right after connecting: it is usually
+            # here already, and reading now saves a trip round the loop.
+            conn.on_socket(IN)
         return conn
 
     def connection_closed(self, conn: Connection) -> None:
@@ -175,10 +179,11 @@ class Worker:
     def command_finished(self, conn: Connection, returncode: int, reason: str, duration: float) -> None:
         self.board.add(self.index, sb.RUNNING, -1)
         self.board.add(self.index, sb.SERVED)
-        log.debug(
-            "pid %d uid %d: %r ended (%s %d) after %.3fs, %d bytes out",
-            conn.pid, conn.peer_uid, _short(conn), reason, returncode, duration, conn.bytes_out,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "pid %d uid %d: %r ended (%s %d) after %.3fs, %d bytes out",
+                conn.pid, conn.peer_uid, _short(conn), reason, returncode, duration, conn.bytes_out,
+            )
 
     def command_aborted(self, conn: Connection, why: str) -> None:
         self.board.add(self.index, sb.RUNNING, -1)
