@@ -704,6 +704,28 @@ class ReplyParser:
         else:
             self._eof = True
 
+    def payload_window(self) -> Tuple[int, int]:
+        """``(fd, n)``: the next ``n`` bytes on the wire are output for ``fd``.
+
+        Non-zero only inside an ``O`` or ``E`` payload with nothing buffered:
+        a client may then read up to ``n`` bytes straight into its own
+        buffer (one copy, as from a local pipe) and report them with
+        :meth:`payload_received`. ``(0, 0)`` otherwise.
+        """
+        frames = self._frames
+        if self._buf or not frames._remaining or frames._kind not in (b"O", b"E"):
+            return 0, 0
+        return (1 if frames._kind == b"O" else 2), frames._remaining
+
+    def payload_received(self, n: int) -> None:
+        """Account for ``n`` payload bytes read directly (see :meth:`payload_window`)."""
+        frames = self._frames
+        if not 0 < n <= frames._remaining or self._buf:
+            raise ValueError("payload_received() outside the window payload_window() gave")
+        frames._remaining -= n
+        if not frames._remaining:
+            frames._kind = b""
+
     def next_event(self) -> Any:
         if self.done:
             return NEED_DATA
