@@ -248,19 +248,21 @@ def signal_frame(signum: int) -> bytes:
 
 
 def started_frame(pid: int) -> bytes:
+    if int(pid) < 1:
+        raise LocalProtocolError(f"{pid} is not a process id")
     return frame(b"P", str(int(pid)).encode("ascii"))
 
 
 def exit_frame(returncode: int, reason: str, **extra: Any) -> bytes:
     if reason not in EXIT_REASONS:
         raise LocalProtocolError(f"unknown exit reason {reason!r}")
-    return frame(b"X", _json_payload({"returncode": int(returncode), "reason": reason, **extra}))
+    return frame(b"X", _json_payload({**extra, "returncode": int(returncode), "reason": reason}))
 
 
 def error_frame(code: str, message: str, **extra: Any) -> bytes:
     if code not in ERROR_CODES:
         raise LocalProtocolError(f"unknown error code {code!r}")
-    return frame(b"!", _json_payload({"error": code, "message": message, **extra}))
+    return frame(b"!", _json_payload({**extra, "error": code, "message": message}))
 
 
 def status_frame(info: Mapping[str, Any]) -> bytes:
@@ -314,6 +316,8 @@ def encode_request(
             raise LocalProtocolError("argv needs a non-empty program name")
     if cwd is not None:
         obj["cwd"] = _to_wire_str(cwd, "cwd")
+        if not obj["cwd"]:
+            raise LocalProtocolError("cwd must not be empty")
     if env is not None:
         wire_env = {}
         for key, value in env.items():
@@ -323,11 +327,10 @@ def encode_request(
             wire_env[k] = _to_wire_str(value, f"env[{k!r}]")
         obj["env"] = wire_env
     if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise LocalProtocolError("timeout must be a number of seconds")
-        if not (timeout > 0 and math.isfinite(timeout)):
-            raise LocalProtocolError("timeout must be a finite number greater than 0")
-        obj["timeout"] = timeout
+        seconds = _seconds(timeout)
+        if seconds is None:
+            raise LocalProtocolError("timeout must be a finite number of seconds greater than 0")
+        obj["timeout"] = seconds
     for name, value in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
         if value not in _STREAM_CHOICES[name]:
             raise LocalProtocolError(f"{name} must be one of {_STREAM_CHOICES[name]}, not {value!r}")
@@ -574,7 +577,7 @@ class RequestParser:
                     raise RemoteProtocolError("the client half-closed inside a frame")
                 return self._end_of_stream()
             return NEED_DATA
-        kind, piece, last = got
+        kind, piece, _ = got
         if kind == b"I":
             if piece:
                 return Input(piece)
@@ -652,12 +655,9 @@ def parse_extended_block(payload: bytes) -> Request:
             env[k] = _wire_bytes(val, "env")
     timeout = None
     if "timeout" in obj:
-        timeout = obj["timeout"]
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise RemoteProtocolError("member 'timeout': must be a number")
-        if not (timeout > 0 and math.isfinite(timeout)):
-            raise RemoteProtocolError("member 'timeout': must be greater than 0")
-        timeout = float(timeout)
+        timeout = _seconds(obj["timeout"])
+        if timeout is None:
+            raise RemoteProtocolError("member 'timeout': must be a finite number of seconds greater than 0")
     streams = {}
     for name, choices in _STREAM_CHOICES.items():
         value = obj.get(name, "pipe")
@@ -665,6 +665,19 @@ def parse_extended_block(payload: bytes) -> Request:
             raise RemoteProtocolError(f"member {name!r}: must be one of {', '.join(choices)}")
         streams[name] = value
     return Request(cmd=cmd, argv=argv, cwd=cwd, env=env, timeout=timeout, **streams)
+
+
+def _seconds(value: Any) -> Optional[float]:
+    """``value`` as a float number of seconds > 0, or None if it is not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    if not (seconds > 0 and math.isfinite(seconds)):
+        return None
+    return seconds
 
 
 def _wire_bytes(value: Any, member: str) -> bytes:
@@ -729,15 +742,16 @@ class ReplyParser:
     def next_event(self) -> Any:
         if self.done:
             return NEED_DATA
-        got = self._frames.next(self._buf)
-        if got is None:
-            if self._eof:
-                raise RemoteProtocolError("the server closed the connection before the reply was complete")
-            return NEED_DATA
-        kind, piece, last = got
+        while True:
+            got = self._frames.next(self._buf)
+            if got is None:
+                if self._eof:
+                    raise RemoteProtocolError("the server closed the connection before the reply was complete")
+                return NEED_DATA
+            kind, piece, _ = got
+            if kind not in b"OE" or piece:  # an empty O or E frame says nothing
+                break
         if kind == b"O" or kind == b"E":
-            if not piece:
-                return self.next_event()
             return Output(1 if kind == b"O" else 2, piece)
         if kind == b"P":
             if not re.fullmatch(rb"[1-9][0-9]{0,18}", piece):
