@@ -39,8 +39,6 @@ log = logging.getLogger("errand_boy.server")
 READ_SIZE = 1 << 20
 RECV_SIZE = 1 << 18
 HIGH_WATER = 1 << 20
-#: How long P may wait to travel with the first output or the exit.
-P_HOLD = 0.003
 #: After a `!`, how long and how much of the client's rest is read and dropped.
 DRAIN_SECONDS = 1.0
 DRAIN_BYTES = 1 << 20
@@ -195,7 +193,10 @@ class Connection(Flushable):
         worker.command_started(self)
         loop = self.loop
         self.resume_pipes()
-        self.timers.append(loop.call_later(P_HOLD, self.send_started))
+        # P leaves at the end of this turn of the loop, with any output that
+        # is already there. Holding it longer saved nothing measurable and
+        # would delay every Popen() that waits for its pid.
+        self.send_started()
         if request.timeout is not None:
             self.timers.append(loop.call_later(request.timeout, self.on_timeout))
 

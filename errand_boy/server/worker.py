@@ -30,6 +30,7 @@ from .scoreboard import Scoreboard
 
 log = logging.getLogger("errand_boy.server")
 
+_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 ACCEPT_BATCH = 16
@@ -44,12 +45,17 @@ class WorkerConfig:
     request_timeout: float = 10.0
 
 
-def become_subreaper() -> bool:
+def _prctl(option: int, value: int) -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        return bool(libc.prctl(option, value, 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False
+
+
+def become_subreaper() -> bool:
+    """Have orphaned descendants re-parented to this process."""
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 class Worker:
@@ -72,6 +78,7 @@ class Worker:
         self.connections: Set[Connection] = set()
         self.children: Dict[int, Optional[Connection]] = {}  # pid -> its connection
         self.stopping = False
+        self.orphaned = False
         self.commands = 0
         self.uid = os.getuid()
 
@@ -83,6 +90,9 @@ class Worker:
 
         setproctitle(f"errand-boy worker {self.index}")
         become_subreaper()
+        # A master killed outright must not leave its workers serving: the
+        # kernel sends SIGTERM when it dies (and getppid() covers the race).
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         self.board.set(self.index, sb.PID, os.getpid())
         self.board.set(self.index, sb.RUNNING, 0)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -99,8 +109,9 @@ class Worker:
         try:
             while not (self.stopping and not self.connections and not self.children):
                 self.loop.run_once(1.0 if self.stopping else None)
-                if os.getppid() != self.master_pid:
+                if os.getppid() != self.master_pid and not self.orphaned:
                     log.error("worker %d: the master went away; stopping", self.index)
+                    self.orphaned = True
                     self.stop(now=True)
         finally:
             self.board.set(self.index, sb.RUNNING, 0)

@@ -1,0 +1,93 @@
+"""The client half of the command line (``python -m errand_boy.run 'ls -al'``).
+
+It runs one shell command through the server, streams the command's output
+to its own standard output and error as it arrives, passes its standard
+input on, and exits with the command's status: 128+N when signal N ended
+it (so 137 for a command killed at its timeout), 125 when errand-boy itself
+failed, with one line ``errand-boy: <why>`` on standard error.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from subprocess import DEVNULL
+from typing import Optional
+
+from .client import Popen
+from .defaults import resolve_socket_path
+from .exceptions import ErrandBoyError
+
+#: The exit status when errand-boy itself failed (as ``docker run`` and ``env`` use it).
+EXIT_ERRAND_BOY_FAILED = 125
+
+
+def run_command_line(
+    command: str,
+    *,
+    socket_path: Optional[str],
+    timeout: Optional[float],
+    cwd: Optional[str],
+    pass_stdin: bool,
+) -> int:
+    """Run ``command`` through the server; return the exit status to exit with."""
+    socket_path = resolve_socket_path(socket_path)
+    process: Optional[Popen] = None
+    try:
+        process = Popen(
+            command, stdin=0 if pass_stdin else DEVNULL, stdout=None, stderr=None,
+            cwd=cwd, timeout=timeout, socket_path=socket_path,
+        )  # fmt: skip
+        returncode = _wait(process)
+    except ErrandBoyError as exc:
+        _complain(str(exc))
+        return EXIT_ERRAND_BOY_FAILED
+    except KeyboardInterrupt:
+        # Ctrl-C while starting (or between two waits): give up the command.
+        if process is not None:
+            process._command.abandon(-signal.SIGINT)
+        return 128 + signal.SIGINT
+    except BrokenPipeError:
+        # Our own output was closed (``| head``): stop, as a command killed
+        # by SIGPIPE would, and let the server kill the command.
+        if process is not None:
+            process._command.abandon()
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
+    if process.timed_out and timeout is not None:
+        _complain(f"the command timed out after {timeout:g} s and was killed")
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def _wait(process: Popen) -> int:
+    """Wait for the command; the first Ctrl-C is passed on, the second gives up."""
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        # The command runs in a session of its own: it did not see the SIGINT.
+        process.send_signal(signal.SIGINT)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process._command.abandon(-signal.SIGINT)
+        return -signal.SIGINT
+
+
+def _complain(message: str) -> None:
+    line = " ".join(message.split())
+    try:
+        sys.stderr.write(f"errand-boy: {line}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _silence_stdout() -> None:
+    # Python flushes sys.stdout at exit and would report the broken pipe again.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
