@@ -129,7 +129,7 @@ class Connection(Flushable):
             self.set_socket_mask()
         self.parser.receive_data(data)
         try:
-            while self.state != "closed":
+            while self.state in ("request", "running"):
                 event = self.parser.next_event()
                 if event is protocol.NEED_DATA:
                     break
@@ -174,7 +174,7 @@ class Connection(Flushable):
             self.queue(protocol.status_frame(worker.status()))
             self.state = "closing"
             return
-        if worker.stopping:
+        if worker.shutting_down:
             self.fail("shutting-down", "the server is shutting down and takes no new commands")
             return
         self.started = time.monotonic()
@@ -343,8 +343,8 @@ class Connection(Flushable):
 
     def fail(self, code: str, message: str, **extra: Any) -> None:
         """Answer with a `!` frame, then drain what the client still sends."""
-        if self.state in ("draining", "closed", "closing"):
-            return
+        if self.state not in ("request", "running"):
+            return  # the reply is decided already
         if self.state == "running":
             self.signal_group(_SIGKILL)
             self.close_pipes()

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional
 from . import scoreboard as sb
 from .listener import bind_unix_socket, remove_socket_file
 from .scoreboard import Scoreboard
-from .worker import WorkerConfig, become_subreaper, worker_main
+from .worker import WORKER_SIGNALS, WorkerConfig, become_subreaper, worker_main
 
 log = logging.getLogger("errand_boy.server")
 
@@ -113,7 +113,13 @@ class Master:
             kwargs={"close_fds": (*self.wake, self.control_r)},
             name=f"errand-boy worker {slot}",
         )
-        proc.start()
+        # Signals wait (blocked) until the new worker has its own handlers;
+        # one that came in between would otherwise be lost to the master's.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         self.workers[slot] = proc
         self.pids[proc.pid] = slot
 
@@ -134,29 +140,35 @@ class Master:
             if code == b"A":
                 if not self.stopping:
                     log.info("served --max-accepts=%d connections; stopping", self.config.worker.max_accepts)
-                self.stop(None)
+                self.stop(None, signal.SIGUSR1)
             elif code == b"R" and not self.stopping:
                 log.info("worker %d retires after %d commands", slot, self.config.worker.max_child_tasks)
                 self.start_worker()
 
-    def stop(self, why: Optional[str]) -> None:
-        self.stop_requests += 1
-        if why and self.stop_requests == 1:
-            log.info("%s: stopping once running commands finish", why)
-        elif why:
-            log.info("%s again: stopping now", why)
+    def stop(self, why: Optional[str], signum: int = signal.SIGTERM) -> None:
+        """Stop serving; ``signum`` tells the workers how.
+
+        SIGTERM: start nothing new, let running commands finish (a second
+        SIGTERM kills them). SIGUSR1: serve every connection already
+        accepted, then exit.
+        """
+        if why:
+            self.stop_requests += 1
+            if self.stop_requests == 1:
+                log.info("%s: stopping once running commands finish", why)
+            else:
+                log.info("%s again: stopping now", why)
         if not self.stopping:
             self.stopping = True
             # New clients get "no such file" from now on; the backlog is
             # answered by the workers.
             remove_socket_file(self.config.socket_path, self.identity)
-        if why or self.stop_requests == 1:
-            for proc in self.workers.values():
-                if proc.pid is not None:
-                    try:
-                        os.kill(proc.pid, signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
+        for proc in self.workers.values():
+            if proc.pid is not None:
+                try:
+                    os.kill(proc.pid, signum)
+                except ProcessLookupError:
+                    pass
 
     def reap(self) -> None:
         """Reap exited workers (replacing them) and re-parented orphans."""

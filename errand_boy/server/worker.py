@@ -34,6 +34,10 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 ACCEPT_BATCH = 16
+#: Handled through the loop; blocked from fork until the handlers are in place.
+WORKER_SIGNALS = frozenset(
+    (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1)
+)
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ class Worker:
         self.loop = Loop()
         self.connections: Set[Connection] = set()
         self.children: Dict[int, Optional[Connection]] = {}  # pid -> its connection
-        self.stopping = False
+        self.shutting_down = False  # SIGTERM: no new command starts
         self.orphaned = False
         self.commands = 0
         self.uid = os.getuid()
@@ -99,20 +103,23 @@ class Worker:
         self.wake_r = wake_r
         # Handlers (not SIG_IGN): commands must start with default dispositions,
         # and exec resets handled signals but keeps ignored ones.
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
+        for signum in WORKER_SIGNALS:
             signal.signal(signum, _noop)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        # The master blocked these around the fork; commands must not inherit
+        # a blocked mask either, and anything pending arrives now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         self.loop.register(wake_r, IN, self.on_signal)
         assert self.listener is not None
         self.loop.register(self.listener.fileno(), IN | select.EPOLLEXCLUSIVE, self.on_accept)
         log.debug("worker %d ready", self.index)
         try:
-            while not (self.stopping and not self.connections and not self.children):
-                self.loop.run_once(1.0 if self.stopping else None)
+            while self.listener is not None or self.connections or self.children:
+                self.loop.run_once(None if self.listener is not None else 1.0)
                 if os.getppid() != self.master_pid and not self.orphaned:
                     log.error("worker %d: the master went away; stopping", self.index)
                     self.orphaned = True
-                    self.stop(now=True)
+                    self.shut_down(now=True)
         finally:
             self.board.set(self.index, sb.RUNNING, 0)
         log.debug("worker %d done", self.index)
@@ -126,7 +133,9 @@ class Worker:
             if signum == signal.SIGCHLD:
                 self.reap()
             elif signum == signal.SIGTERM:
-                self.stop(now=self.stopping)
+                self.shut_down(now=self.shutting_down)
+            elif signum == signal.SIGUSR1:
+                self.retire("the server has served its --max-accepts connections")
             # SIGINT: a terminal's Ctrl-C reaches the whole process group;
             # the master decides what happens.
 
@@ -148,9 +157,10 @@ class Worker:
                 return
             self.board.add(self.index, sb.ACCEPTED)
             number = self.board.take_accept(config.max_accepts) if config.max_accepts else -1
-            conn = self.welcome(sock)
             if number == 0:  # another worker took the last one
-                conn.fail("shutting-down", "the server has served its --max-accepts connections")
+                self.welcome(sock, "the server has served its --max-accepts connections")
+                continue
+            self.welcome(sock)
             if number == config.max_accepts:
                 self.tell_master(b"A")
                 self.stop_accepting()
@@ -159,7 +169,8 @@ class Worker:
                 self.tell_master(b"R")
                 self.stop_accepting()
 
-    def welcome(self, sock: socket.socket) -> Connection:
+    def welcome(self, sock: socket.socket, refuse: Optional[str] = None) -> Connection:
+        """Take a new connection; ``refuse`` answers it with shutting-down."""
         sock.setblocking(False)
         pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
         conn = Connection(self, sock, uid, pid)
@@ -167,7 +178,9 @@ class Worker:
         if uid != self.uid and uid != 0:
             log.warning("refused a connection from uid %d (pid %d)", uid, pid)
             conn.fail("forbidden", f"user {uid} is not allowed to run commands on this server")
-        elif not self.stopping:
+        elif refuse is not None:
+            conn.fail("shutting-down", refuse)
+        else:
             # Clients send the request right after connecting: it is usually
             # here already, and reading now saves a trip round the loop.
             conn.on_socket(IN)
@@ -228,28 +241,34 @@ class Worker:
         except OSError as exc:
             log.error("cannot reach the master: %s", exc)
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, refuse: Optional[str] = None) -> None:
+        """Close our copy of the listening socket.
+
+        With ``refuse``, first answer what already waits in the backlog
+        with shutting-down rather than leave it to the other workers.
+        """
         listener = self.listener
         if listener is None:
             return
+        while refuse is not None:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                break
+            self.welcome(sock, refuse)
         self.listener = None
         self.loop.unregister(listener.fileno())
         listener.close()
-        self.stopping = True
 
-    def stop(self, now: bool = False) -> None:
-        """Stop taking commands; with ``now``, kill the running ones too."""
-        listener = self.listener
-        if listener is not None:
-            # Answer what is already waiting in the backlog rather than leave
-            # it to be reset when the listening socket closes.
-            while True:
-                try:
-                    sock, _ = listener.accept()
-                except OSError:
-                    break
-                self.welcome(sock)
-        self.stop_accepting()
+    def retire(self, why: str) -> None:
+        """Take no new connections; serve the ones we have, then exit."""
+        self.stop_accepting(refuse=why)
+        self.loop.flush()
+
+    def shut_down(self, now: bool = False) -> None:
+        """Start no new command; with ``now``, kill the running ones too."""
+        self.shutting_down = True
+        self.stop_accepting(refuse="the server is shutting down and takes no new commands")
         for conn in list(self.connections):
             if conn.state == "request":
                 conn.fail("shutting-down", "the server is shutting down and takes no new commands")
