@@ -1,0 +1,10 @@
+"""errand-boy's benchmarks: each figure against local ``subprocess`` in the same run.
+
+Run ``python -m bench`` from the repository root (``--help`` for options).
+Every figure starts a private server, measures errand-boy and its local
+baseline interleaved, and the run prints a table of medians and ratios
+against the targets and writes it as JSON (``bench/results/latest.json``).
+
+Figures: ``roundtrip``, ``concurrent16``, ``throughput``, ``concurrent1000``,
+``memory``, ``bigclient``; see each function's docstring.
+"""

@@ -1,0 +1,140 @@
+"""Figures on the cost of a command: one at a time, 16 at once, 1000 at once.
+
+Every local baseline spawns the same thing errand-boy's server spawns for a
+shell command: ``/bin/sh -c CMD``, with its output captured.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from typing import Callable, List
+
+from .harness import (
+    Measure,
+    Run,
+    at_most_baseline,
+    figure,
+    in_threads,
+    interleave,
+    median,
+    ratio_at_least,
+    ratio_at_most,
+    timed,
+)
+from .server import server_has_option
+
+#: Commands that take longer than this are a failure, not a figure.
+COMMAND_TIMEOUT = 60.0
+
+
+def local_run(cmd: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, timeout=COMMAND_TIMEOUT)
+
+
+@figure("roundtrip")
+def roundtrip(run: Run) -> List[Measure]:
+    """Median wall time of one ``true``: ``run_cmd`` against ``subprocess.run``."""
+    pairs = run.repeat(500, 50)
+    with run.server() as server:
+        transport = server.transport
+        for _ in range(run.count(50, 10)):  # warm-up: imports, caches, both workers
+            transport.run_cmd("true")
+            local_run("true")
+        errand, local = interleave(
+            lambda: timed(lambda: transport.run_cmd("true")), lambda: timed(lambda: local_run("true")), pairs
+        )
+    ms = [t * 1e3 for t in errand]
+    base = [t * 1e3 for t in local]
+    return [
+        Measure(
+            "median wall time of one `true`", "ms", median(ms), median(base), ratio_at_most(1.15),
+            ms, base, note=f"{pairs} interleaved pairs",
+        )
+    ]  # fmt: skip
+
+
+def _rate(call: Callable[[], object], threads: int, seconds: float) -> float:
+    """Commands per second from ``threads`` threads calling ``call`` for ``seconds``."""
+
+    def loop(i: int) -> int:
+        done = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            call()
+            done += 1
+        return done
+
+    counts, wall = in_threads(threads, loop, timeout=seconds + COMMAND_TIMEOUT)
+    return sum(counts) / wall
+
+
+@figure("concurrent16")
+def concurrent16(run: Run) -> List[Measure]:
+    """Commands per second from 16 threads, each running ``true`` in a loop."""
+    threads = 16
+    seconds = run.count(3.0, 0.5)
+    repeats = run.repeat(3)
+    with run.server() as server:
+        transport = server.transport
+        _rate(lambda: transport.run_cmd("true"), threads, 0.2)  # warm-up
+        errand, local = interleave(
+            lambda: _rate(lambda: transport.run_cmd("true"), threads, seconds),
+            lambda: _rate(lambda: local_run("true"), threads, seconds),
+            repeats,
+        )
+    return [
+        Measure(
+            f"commands/s, {threads} threads x {seconds:g} s", "cmd/s", median(errand), median(local),
+            ratio_at_least(0.95), errand, local, note=f"{repeats} interleaved runs",
+        )
+    ]  # fmt: skip
+
+
+def _wave(runner: Callable[[str], bytes], count: int) -> float:
+    """Wall time of ``count`` threads each running ``sleep 1; echo N``; checks every N."""
+
+    def one(i: int) -> bool:
+        return runner(f"sleep 1; echo {i}") == f"{i}\n".encode()
+
+    results, wall = in_threads(count, one, timeout=COMMAND_TIMEOUT + 30)
+    wrong = results.count(False)
+    if wrong:
+        raise AssertionError(f"{wrong} of {count} commands returned the wrong output")
+    return wall
+
+
+@figure("concurrent1000")
+def concurrent1000(run: Run) -> List[Measure]:
+    """Wall time of 1000 concurrent ``sleep 1; echo N``, one client thread each.
+
+    The client side is the same on both sides: 1000 threads released
+    together, each running one command (``run_cmd`` or ``subprocess.run``)
+    and checking its output.
+    """
+    count = run.count(1000, 100)
+    repeats = run.repeat(2)
+    extra = ["--max-concurrent", str(count)] if server_has_option("--max-concurrent") else []
+
+    with run.server(*extra) as server:
+        transport = server.transport
+
+        def errand(cmd: str) -> bytes:
+            process, out, err = transport.run_cmd(cmd, timeout=COMMAND_TIMEOUT)
+            return bytes(out) if process.returncode == 0 else b"failed: " + err
+
+        def local(cmd: str) -> bytes:
+            proc = local_run(cmd)
+            return proc.stdout if proc.returncode == 0 else b"failed: " + proc.stderr
+
+        errand_walls, local_walls = interleave(
+            lambda: _wave(errand, count), lambda: _wave(local, count), repeats
+        )
+    note = f"{repeats} interleaved waves of {count} threads, each one run_cmd | subprocess.run"
+    note += "; server --max-concurrent " + str(count) if extra else "; server without --max-concurrent"
+    return [
+        Measure(
+            f"wall time, {count} x `sleep 1; echo N`", "s", median(errand_walls), median(local_walls),
+            at_most_baseline(), errand_walls, local_walls, note=note,
+        )
+    ]  # fmt: skip

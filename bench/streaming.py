@@ -1,0 +1,176 @@
+"""Figures on big output: how fast it streams, and what the server pays in memory.
+
+Both read ``head -c N /dev/zero`` 64 KiB at a time, through a ``Popen``
+proxy or a local ``subprocess.Popen``. A stream that runs past its time cap
+is cut short (the command killed) and its rate computed from what arrived,
+so a figure ends in bounded time even on a very slow server.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, List, Tuple
+
+from .harness import Measure, Run, at_most, figure, interleave, median, ratio_at_least
+from .server import BenchServer
+
+CHUNK = 65536
+STREAM_CAP = 60.0  # seconds
+GB = 1_000_000_000
+MiB = 1 << 20
+
+
+def drain(process: Any, nbytes: int) -> Tuple[int, float]:
+    """Read ``process.stdout`` 64 KiB at a time; (bytes, seconds)."""
+    read = process.stdout.read
+    total = 0
+    start = time.perf_counter()
+    cap = time.monotonic() + STREAM_CAP
+    while True:
+        chunk = read(CHUNK)
+        if not chunk:
+            break
+        total += len(chunk)
+        if time.monotonic() > cap:
+            process.kill()
+            break
+    seconds = time.perf_counter() - start
+    if total < nbytes and process.wait() == 0:
+        raise AssertionError(f"the stream ended after {total} of {nbytes} bytes")
+    return total, seconds
+
+
+def stream_errand(server: BenchServer, nbytes: int) -> float:
+    """MB/s of ``nbytes`` streamed through the server."""
+    with server.transport.Popen(f"head -c {nbytes} /dev/zero") as process:
+        total, seconds = drain(process, nbytes)
+    return total / seconds / 1e6
+
+
+def stream_local(nbytes: int) -> float:
+    """MB/s of ``nbytes`` read from a local pipe."""
+    with subprocess.Popen(f"head -c {nbytes} /dev/zero", shell=True, stdout=subprocess.PIPE) as process:
+        total, seconds = drain(process, nbytes)
+    return total / seconds / 1e6
+
+
+@figure("throughput")
+def throughput(run: Run) -> List[Measure]:
+    """MB/s of 1 GB of stdout read 64 KiB at a time: server against local pipe."""
+    nbytes = run.count(GB, 100_000_000)
+    repeats = run.repeat(3)
+    with run.server() as server:
+        stream_errand(server, nbytes // 10)  # warm-up
+        errand, local = interleave(
+            lambda: stream_errand(server, nbytes), lambda: stream_local(nbytes), repeats
+        )
+    return [
+        Measure(
+            f"MB/s reading {nbytes / 1e6:g} MB by read(65536)", "MB/s", median(errand), median(local),
+            ratio_at_least(0.9), errand, local, note=f"{repeats} interleaved repeats",
+        )
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------
+# memory
+
+
+def pss_kib(pid: int) -> int:
+    """The proportional set size of ``pid``, in KiB (``Pss:`` of smaps_rollup)."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no Pss line for pid {pid}")
+
+
+def total_pss_mib(pids: Iterable[int]) -> float:
+    return sum(pss_kib(pid) for pid in pids) / 1024
+
+
+class PeakSampler:
+    """Samples the PSS of ``pids`` every ``interval`` in a thread; keeps the peak."""
+
+    def __init__(self, pids: List[int], interval: float = 0.05) -> None:
+        self.pids = pids
+        self.interval = interval
+        self.peak = 0.0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, total_pss_mib(self.pids))
+            self.samples += 1
+            if self._stop.wait(self.interval):
+                return
+
+
+def bare_python_pss() -> float:
+    """PSS (MiB) of ``python -c 'import time; time.sleep(30)'`` once it sleeps."""
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as process:
+        try:
+            return _settled(lambda: total_pss_mib([process.pid]))
+        finally:
+            process.kill()
+
+
+def _settled(measure: Callable[[], float], timeout: float = 5.0) -> float:
+    """``measure()`` once two readings 100 ms apart agree (or at the timeout)."""
+    time.sleep(0.2)
+    last = measure()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = measure()
+        if now == last:
+            break
+        last = now
+    return last
+
+
+@figure("memory")
+def memory(run: Run) -> List[Measure]:
+    """PSS of the master and its workers at rest, and its peak growth while streaming."""
+    nbytes = run.count(GB, 100_000_000)
+    repeats = run.repeat(3)
+    with run.server() as server:
+        pids = server.pids()
+        fresh = _settled(lambda: total_pss_mib(pids))
+        for _ in range(20):  # warm-up: every worker has run a command and streamed
+            server.transport.run_cmd("true")
+        stream_errand(server, 10 * MiB)
+        rest, bare = interleave(lambda: _settled(lambda: total_pss_mib(pids)), bare_python_pss, repeats)
+        growths = []
+        for _ in range(repeats):
+            before = _settled(lambda: total_pss_mib(pids))
+            with PeakSampler(pids) as sampler:
+                stream_errand(server, nbytes)
+            growths.append(max(0.0, sampler.peak - before))
+        if server.pids() != pids:
+            raise RuntimeError(f"the server's processes changed during the figure: {pids} -> {server.pids()}")
+    workers = len(pids) - 1
+    return [
+        Measure(
+            f"PSS at rest, master + {workers} workers", "MiB", median(rest), median(bare), at_most(12, "MiB"),
+            rest, bare, note=f"after a warm-up; fresh: {fresh:.1f} MiB; baseline: a bare sleeping python",
+            extra={"fresh_mib": fresh, "pids": pids},
+        ),
+        Measure(
+            f"PSS peak growth streaming {nbytes / 1e6:g} MB", "MiB", max(growths), None, at_most(2, "MiB"),
+            growths, note=f"max over {repeats} streams, sampled every 50 ms",
+        ),
+    ]  # fmt: skip

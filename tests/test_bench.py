@@ -1,0 +1,47 @@
+"""``python -m bench --quick`` runs, exits 0 and writes its JSON.
+
+The figures' values are not checked: on a shared machine they are
+measurements, not assertions (the bench itself says "met" or "missed").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MEASURE_KEYS = {"metric", "unit", "errand_boy", "baseline", "ratio", "target", "met", "note"}
+
+
+def test_quick_bench_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "roundtrip,throughput", "--json", str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "nproc" in proc.stdout and "kernel" in proc.stdout, output
+
+    document = json.loads(out.read_text())
+    assert {"nproc", "kernel", "python"} <= set(document["machine"])
+    assert set(document["figures"]) == {"roundtrip", "throughput"}
+    for name, result in document["figures"].items():
+        assert result["error"] is None, (name, result["error"])
+        assert result["measures"], name
+        for measure in result["measures"]:
+            assert set(measure) >= MEASURE_KEYS, (name, measure)
+            assert measure["errand_boy"] > 0 and measure["baseline"] > 0, (name, measure)
+            assert measure["met"] in (True, False), (name, measure)
+            assert measure["ratio"] == pytest.approx(measure["errand_boy"] / measure["baseline"])
+        assert f"{name} " in proc.stdout  # its row in the table
