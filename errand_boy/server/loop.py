@@ -28,15 +28,21 @@ ERR = select.EPOLLERR
 class Timer:
     """A pending call; :meth:`cancel` stops it."""
 
-    __slots__ = ("when", "callback", "cancelled")
+    __slots__ = ("when", "callback", "cancelled", "loop")
 
-    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+    def __init__(self, loop: "Loop", when: float, callback: Callable[[], None]) -> None:
+        self.loop = loop
         self.when = when
-        self.callback = callback
+        self.callback: Optional[Callable[[], None]] = callback
         self.cancelled = False
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            # Let go of the callback (and the connection behind it) now, not
+            # when the heap gets round to this entry.
+            self.callback = None
+            self.loop._timer_cancelled()
 
 
 class Flushable:
@@ -55,6 +61,7 @@ class Loop:
         self._timers: List[Tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._dirty: Set[Flushable] = set()
+        self._cancelled = 0
         self.now = time.monotonic()
 
     def register(self, fd: int, mask: int, handler: Handler) -> None:
@@ -72,9 +79,18 @@ class Loop:
         return fd in self._handlers
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(time.monotonic() + delay, callback)
+        timer = Timer(self, time.monotonic() + delay, callback)
         heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
         return timer
+
+    def _timer_cancelled(self) -> None:
+        # Most timers (request timeouts) are cancelled long before they are
+        # due; rebuild the heap once they are the majority, as asyncio does.
+        self._cancelled += 1
+        if self._cancelled > 64 and self._cancelled * 2 > len(self._timers):
+            self._timers = [entry for entry in self._timers if not entry[2].cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
 
     def mark_dirty(self, item: Flushable) -> None:
         self._dirty.add(item)
@@ -84,6 +100,7 @@ class Loop:
         timers = self._timers
         while timers and timers[0][2].cancelled:
             heapq.heappop(timers)
+            self._cancelled -= 1
         wait = -1.0 if max_wait is None else max_wait
         if timers:
             until = max(0.0, timers[0][0] - time.monotonic())
@@ -98,14 +115,19 @@ class Loop:
                     handler(mask)
                 except Exception:
                     log.exception("unhandled error in an event handler (fd %d)", fd)
+        timers = self._timers  # (may have been rebuilt by a handler)
         while timers and (timers[0][0] <= self.now or timers[0][2].cancelled):
             timer = heapq.heappop(timers)[2]
-            if not timer.cancelled:
-                timer.cancelled = True
-                try:
-                    timer.callback()
-                except Exception:
-                    log.exception("unhandled error in a timer")
+            if timer.cancelled:
+                self._cancelled -= 1
+                continue
+            callback, timer.callback = timer.callback, None
+            timer.cancelled = True
+            try:
+                assert callback is not None
+                callback()
+            except Exception:
+                log.exception("unhandled error in a timer")
         self.flush()
 
     def flush(self) -> None:

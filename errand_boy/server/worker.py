@@ -221,16 +221,22 @@ class Worker:
         log.info("uid %d: %r not started: %s", conn.peer_uid, _short(conn), why)
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status, usage = os.wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            conn = self.children.pop(pid, None)
-            if conn is not None:
-                conn.on_exit(status, usage.ru_utime + usage.ru_stime)
+        """Reap every child that has exited: commands and adopted orphans."""
+        while self.reap_one(-1):
+            pass
+
+    def reap_one(self, pid: int) -> bool:
+        """Reap ``pid`` (-1: any child) if it has exited; tell its connection."""
+        try:
+            pid, status, usage = os.wait4(pid, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return False
+        conn = self.children.pop(pid, None)
+        if conn is not None:
+            conn.on_exit(status, usage.ru_utime + usage.ru_stime)
+        return True
 
     # ------------------------------------------------------------------
     # stopping
