@@ -38,6 +38,38 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text}") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"not a permission mode: {text}")
+    return value
+
+
+def _uid(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    import pwd
+
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such user: {text}") from None
+
+
+def _gid(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    import grp
+
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such group: {text}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m errand_boy.run",
@@ -66,12 +98,35 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace a worker after N commands (default 0: never)")
     server.add_argument("--max-request-bytes", type=_positive_int, default=DEFAULT_MAX_REQUEST_BYTES,
                         metavar="N", help="largest command block accepted (default: 1 MiB)")
+    server.add_argument("--max-concurrent", type=_positive_int, default=256, metavar="N",
+                        help="commands running at once across the server; more wait (default 256)")
+    server.add_argument("--queue-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                        help="how long a request waits for a place before it gets 'busy' (default 30)")
+    server.add_argument("--request-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                        help="close connections that send no complete request within this (default 10)")
+    server.add_argument("--graceful-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM, how long running commands may finish before they are "
+                             "killed (default 30)")
+    server.add_argument("--rlimit", action="append", default=[], metavar="NAME=SOFT[:HARD]",
+                        help="a resource limit for every command (nofile, nproc, as, cpu, fsize, core, "
+                             "...); repeatable")
+    server.add_argument("--pidfile", metavar="PATH", help="write the master's pid here, held under a lock")
+    server.add_argument("--socket-mode", type=_mode, default=0o600, metavar="MODE",
+                        help="permissions of the socket file, in octal (default 0600)")
+    server.add_argument("--socket-group", metavar="GROUP", help="group of the socket file")
+    server.add_argument("--allow-uid", type=_uid, action="append", default=[], metavar="UID",
+                        help="also run commands for this user (name or number); repeatable")
+    server.add_argument("--allow-gid", type=_gid, action="append", default=[], metavar="GID",
+                        help="also run commands for members of this group (name or number); repeatable")
     server.add_argument("--log-level", default="INFO", metavar="LEVEL",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
                         help="DEBUG, INFO (default), WARNING or ERROR")
+    server.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="one line of text (default) or one JSON object per record")
     client = parser.add_argument_group("client options")
     client.add_argument("--timeout", type=_seconds, metavar="SECONDS",
-                        help="kill the command's process group after this long")
+                        help="kill the command's process group after this long (server: the default "
+                             "for commands that set none)")
     client.add_argument("--cwd", metavar="DIR", help="run the command in DIR")
     client.add_argument("-n", dest="pass_stdin", action="store_false",
                         help="do not pass standard input on (it is passed when it is not a terminal)")
@@ -103,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run_server(transport: Any, args: argparse.Namespace) -> int:
     from .server import AlreadyRunning, configure_logging
 
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     try:
         return int(
             transport.run_server(
@@ -111,12 +166,26 @@ def run_server(transport: Any, args: argparse.Namespace) -> int:
                 max_accepts=args.max_accepts,
                 max_child_tasks=args.max_child_tasks,
                 max_request_bytes=args.max_request_bytes,
+                max_concurrent=args.max_concurrent,
+                queue_timeout=args.queue_timeout,
+                request_timeout=args.request_timeout,
+                graceful_timeout=args.graceful_timeout,
+                timeout=args.timeout,
+                rlimits=args.rlimit,
+                pidfile=args.pidfile,
+                socket_mode=args.socket_mode,
+                socket_group=args.socket_group,
+                allow_uids=args.allow_uid,
+                allow_gids=args.allow_gid,
             )
             or 0
         )
     except AlreadyRunning as exc:
         print(f"errand-boy: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:
+        print(f"errand-boy: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"errand-boy: cannot serve on {transport.socket_path}: {exc}", file=sys.stderr)
         return 1

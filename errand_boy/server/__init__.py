@@ -5,18 +5,23 @@ Start it with :func:`serve` (what ``python -m errand_boy.run`` calls).
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
-from typing import Optional
+import resource
+from typing import Iterable, Optional, Tuple
 
 from ..defaults import resolve_socket_path
 from ..protocol import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_REQUEST_BYTES
 from .listener import AlreadyRunning
+from .logs import configure_logging
 from .master import ServerConfig, run_master
 from .worker import WorkerConfig
 
-__all__ = ["serve", "AlreadyRunning", "default_pool_size"]
+__all__ = ["serve", "AlreadyRunning", "configure_logging", "default_pool_size", "parse_rlimit"]
+
+#: Resource names for --rlimit, as resource.RLIMIT_<NAME> (lower case).
+RLIMIT_NAMES = sorted(
+    name[len("RLIMIT_"):].lower() for name in dir(resource) if name.startswith("RLIMIT_")
+)
 
 
 def default_pool_size() -> int:
@@ -26,13 +31,30 @@ def default_pool_size() -> int:
         return os.cpu_count() or 1
 
 
-def configure_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s errand-boy[%(process)d] %(levelname)s %(message)s"))
-    logger = logging.getLogger("errand_boy")
-    logger.handlers[:] = [handler]
-    logger.setLevel(level.upper())
-    logger.propagate = False
+def _limit_value(text: str) -> int:
+    if text.lower() in ("unlimited", "infinity"):
+        return resource.RLIM_INFINITY
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"a limit cannot be negative: {text}")
+    return value
+
+
+def parse_rlimit(spec: str) -> Tuple[int, int, int]:
+    """``NAME=SOFT[:HARD]`` (``nofile=1024:4096``) as (RLIMIT_*, soft, hard).
+
+    A missing HARD is the same as SOFT; ``unlimited`` is allowed for both.
+    """
+    name, sep, values = spec.partition("=")
+    name = name.strip().lower()
+    if not sep or name not in RLIMIT_NAMES:
+        raise ValueError(f"--rlimit takes NAME=SOFT[:HARD] with NAME one of {', '.join(RLIMIT_NAMES)}; got {spec!r}")
+    soft_text, _, hard_text = values.partition(":")
+    soft = _limit_value(soft_text)
+    hard = _limit_value(hard_text) if hard_text else soft
+    if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
+        raise ValueError(f"--rlimit {spec}: the soft limit is above the hard one")
+    return getattr(resource, f"RLIMIT_{name.upper()}"), soft, hard
 
 
 def serve(
@@ -44,25 +66,47 @@ def serve(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     request_timeout: float = 10.0,
+    max_concurrent: int = 256,
+    queue_timeout: float = 30.0,
+    timeout: Optional[float] = None,
+    graceful_timeout: float = 30.0,
+    rlimits: Iterable[str] = (),
+    allow_uids: Iterable[int] = (),
+    allow_gids: Iterable[int] = (),
+    socket_mode: int = 0o600,
+    socket_group: Optional[str] = None,
+    pidfile: Optional[str] = None,
     log_level: Optional[str] = None,
+    log_format: str = "text",
 ) -> int:
     """Run a server until it is stopped; returns the exit status (0).
 
     ``socket_path`` defaults to ``$ERRAND_BOY_SOCKET``, then
     ``/tmp/errand-boy``. Raises :class:`AlreadyRunning` when another
-    server listens there.
+    server listens there (or holds the pidfile), :class:`ValueError` for
+    bad options. ``timeout`` is the default for commands that set none.
     """
     if log_level is not None:
-        configure_logging(log_level)
+        configure_logging(log_level, log_format)
     config = ServerConfig(
         socket_path=resolve_socket_path(socket_path),
         pool_size=pool_size or default_pool_size(),
+        socket_mode=socket_mode,
+        socket_group=socket_group,
+        pidfile=pidfile,
         worker=WorkerConfig(
             max_request_bytes=max_request_bytes,
             max_frame_bytes=max_frame_bytes,
             max_child_tasks=max_child_tasks,
             max_accepts=max_accepts,
             request_timeout=request_timeout,
+            max_concurrent=max_concurrent,
+            queue_timeout=queue_timeout,
+            default_timeout=timeout,
+            graceful_timeout=graceful_timeout,
+            rlimits=tuple(parse_rlimit(spec) for spec in rlimits),
+            allow_uids=frozenset(allow_uids),
+            allow_gids=frozenset(allow_gids),
         ),
     )
     return run_master(config)

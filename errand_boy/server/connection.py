@@ -132,6 +132,10 @@ class Connection(Flushable):
             self.reading = False
             self.set_socket_mask()
         self.parser.receive_data(data)
+        self.process_events()
+
+    def process_events(self) -> None:
+        """Act on what the parser has, while a request or command is live."""
         try:
             while self.state in ("request", "running"):
                 event = self.parser.next_event()
@@ -157,7 +161,8 @@ class Connection(Flushable):
 
     def set_socket_mask(self) -> None:
         mask = 0
-        if self.reading and len(self.stdin_queue) < HIGH_WATER:
+        # A queued request's input stays in the socket until it starts.
+        if self.reading and self.state != "queued" and len(self.stdin_queue) < HIGH_WATER:
             mask |= IN | RDHUP
         if self.out or self.splice_left:
             mask |= OUT
@@ -181,13 +186,40 @@ class Connection(Flushable):
         if worker.shutting_down:
             self.fail("shutting-down", "the server is shutting down and takes no new commands")
             return
+        if worker.admit(self):
+            self.launch()
+            return
+        # Every place is taken: wait, first come first served.
+        self.state = "queued"
+        self.set_socket_mask()
+        self.timers.append(self.loop.call_later(worker.config.queue_timeout, self.on_queue_timeout))
+
+    def on_queue_timeout(self) -> None:
+        if self.state == "queued":
+            self.worker.unqueue(self)
+            self.worker.command_busy(self)
+            self.fail(
+                "busy",
+                f"the server ran {self.worker.config.max_concurrent} commands for the "
+                f"{self.worker.config.queue_timeout:g} s this request waited",
+            )
+
+    def launch(self) -> None:
+        """Spawn the command (the worker has given it a running place)."""
+        request = self.request
+        worker = self.worker
+        assert request is not None
+        was_queued = self.state == "queued"
+        self.cancel_timers()
         self.started = time.monotonic()
         try:
-            child = spawn(request)
+            child = spawn(request, worker.config.rlimits)
         except SpawnError as exc:
+            worker.release_place()
             extra = {"errno": exc.errno} if exc.errno is not None else {}
             if exc.filename is not None:
                 extra["filename"] = exc.filename
+            self.state = "request"  # (so that fail() answers)
             self.fail("spawn-failed", exc.message, **extra)
             worker.command_failed(self, exc.message)
             return
@@ -198,8 +230,12 @@ class Connection(Flushable):
         loop = self.loop
         self.resume_pipes()
         self.timers.append(loop.call_later(P_HOLD, self.send_started))
-        if request.timeout is not None:
-            self.timers.append(loop.call_later(request.timeout, self.on_timeout))
+        timeout = request.timeout or worker.config.default_timeout
+        if timeout:
+            self.timers.append(loop.call_later(timeout, self.on_timeout))
+        if was_queued:
+            self.set_socket_mask()
+            self.process_events()  # input that arrived with the request
 
     def send_started(self) -> None:
         if not self.p_sent and self.state == "running":
@@ -289,9 +325,14 @@ class Connection(Flushable):
             pass
 
     def on_timeout(self) -> None:
+        if self.state == "running":
+            self.timed_out = True
+            self.kill()
+
+    def kill(self) -> None:
+        """Kill the command's group; its client still gets the X frame."""
         if self.state != "running":
             return
-        self.timed_out = True
         self.signal_group(_SIGKILL)
         self.timers.append(self.loop.call_later(KILL_GRACE, self.give_up_pipes))
 
@@ -349,7 +390,9 @@ class Connection(Flushable):
 
     def fail(self, code: str, message: str, **extra: Any) -> None:
         """Answer with a `!` frame, then drain what the client still sends."""
-        if self.state not in ("request", "running"):
+        if self.state == "queued":
+            self.worker.unqueue(self)
+        elif self.state not in ("request", "running"):
             return  # the reply is decided already
         if self.state == "running":
             self.signal_group(_SIGKILL)
@@ -373,13 +416,18 @@ class Connection(Flushable):
 
     def on_request_timeout(self) -> None:
         if self.state == "request":
-            self.fail("bad-request", "no complete request arrived in time")
+            self.fail(
+                "bad-request",
+                f"no complete request arrived within {self.worker.config.request_timeout:g} s",
+            )
 
     def abort(self, why: str) -> None:
         """The client is gone: kill the command's group and close."""
         if self.state == "running":
             self.signal_group(_SIGKILL)
             self.worker.command_aborted(self, why)
+        elif self.state == "queued":
+            self.worker.unqueue(self)
         self.close()
 
     # ------------------------------------------------------------------

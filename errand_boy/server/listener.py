@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 import stat
+import struct
 from typing import Tuple
 
 BACKLOG = 4096
@@ -36,7 +37,10 @@ def bind_unix_socket(path: str, mode: int = 0o600) -> Tuple[socket.socket, Tuple
                 raise
             os.unlink(path)  # stale: nobody listens
         else:
-            raise AlreadyRunning(f"another server is already listening on {path}")
+            # The listening socket's credentials are those of the process
+            # that created it: the other server's master.
+            pid = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            raise AlreadyRunning(f"another server (pid {pid}) is already listening on {path}")
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

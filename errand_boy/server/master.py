@@ -1,15 +1,27 @@
-"""The master process: binds the socket, runs the worker pool, stops it.
+"""The master process: binds the socket, supervises the pool, stops it.
 
-The master does no per-connection work. It binds the socket, forks the
-workers with ``multiprocessing`` (each inherits the listening socket),
-replaces a worker that dies or retires (``--max-child-tasks``), and on
-SIGTERM or SIGINT removes the socket file, lets the workers finish what
-they run, and exits 0. It is a child subreaper too, so that the commands
-of a worker that died are re-parented to it and reaped.
+The master does no per-connection work. It takes the pidfile (when asked)
+and binds the socket, forks the workers with ``multiprocessing`` (each
+inherits the listening socket) and supervises them:
+
+* a worker that dies is replaced at once, and the commands it was running
+  are killed (they are re-parented to the master, a child subreaper);
+* workers that keep dying are restarted with exponential backoff, and the
+  episode is logged once, not once per death;
+* SIGHUP replaces every worker: the new ones start accepting while the old
+  ones stop accepting and finish what they run, so no connection is
+  refused or dropped;
+* SIGTERM or SIGINT removes the socket file at once, lets running commands
+  finish for the graceful timeout (a second signal: at once), and exits 0.
+
+Signals to the workers: SIGTERM stop (twice: kill running commands),
+SIGUSR1 serve what you accepted and exit (``--max-accepts`` reached),
+SIGUSR2 the same but leave the backlog to your successors (reload).
 """
 
 from __future__ import annotations
 
+import grp
 import logging
 import multiprocessing
 import os
@@ -17,17 +29,27 @@ import resource
 import select
 import signal
 import struct
+import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 from . import scoreboard as sb
 from .listener import bind_unix_socket, remove_socket_file
+from .logs import flush_summaries
+from .pidfile import PidFile
 from .scoreboard import Scoreboard
 from .worker import WORKER_SIGNALS, WorkerConfig, become_subreaper, worker_main
 
 log = logging.getLogger("errand_boy.server")
 
 _MESSAGE = struct.Struct("=cI")  # code, worker slot
+#: More than FLAP_DEATHS deaths within FLAP_WINDOW seconds is an episode.
+FLAP_DEATHS = 5
+FLAP_WINDOW = 10.0
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+#: Past the graceful timeout, how long workers get before they are killed.
+STOP_BACKSTOP = 10.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +57,9 @@ class ServerConfig:
     socket_path: str
     pool_size: int
     worker: WorkerConfig
+    socket_mode: int = 0o600
+    socket_group: Optional[str] = None
+    pidfile: Optional[str] = None
 
 
 def raise_nofile_limit() -> None:
@@ -48,17 +73,32 @@ def raise_nofile_limit() -> None:
             log.warning("cannot raise the descriptor limit to %d: %s", hard, exc)
 
 
+def group_id(group: str) -> int:
+    """A group name or number as a gid."""
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"no such group: {group!r}") from None
+
+
 class Master:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.ctx = multiprocessing.get_context("fork")
         self.stopping = False
         self.stop_requests = 0
-        # Twice the pool, so that a retiring worker and its replacement
-        # each have a row of their own.
-        self.board = Scoreboard(config.pool_size * 2 + 1)
+        self.stop_deadline = 0.0
+        # Room for a whole retiring generation beside its successors.
+        self.board = Scoreboard(config.pool_size * 4 + 1)
         self.workers: Dict[int, Any] = {}  # slot -> multiprocessing.Process
         self.pids: Dict[int, int] = {}  # pid -> slot
+        self.retiring: Set[int] = set()  # slots told to finish and exit
+        self.deaths: List[float] = []
+        self.flapping = False
+        self.backoff = 0.0
+        self.restart_at: List[float] = []  # when to start replacements
 
     def run(self) -> int:
         from setproctitle import setproctitle
@@ -66,13 +106,22 @@ class Master:
         setproctitle("errand-boy master")
         raise_nofile_limit()
         become_subreaper()
-        path = self.config.socket_path
-        self.listener, self.identity = bind_unix_socket(path)
+        config = self.config
+        pidfile = PidFile(config.pidfile) if config.pidfile else None
+        if pidfile is not None:
+            pidfile.acquire()
         try:
-            return self._serve()
+            self.listener, self.identity = bind_unix_socket(config.socket_path, config.socket_mode)
+            try:
+                if config.socket_group is not None:
+                    os.chown(config.socket_path, -1, group_id(config.socket_group))
+                return self._serve()
+            finally:
+                remove_socket_file(config.socket_path, self.identity)
+                self.listener.close()
         finally:
-            remove_socket_file(path, self.identity)
-            self.listener.close()
+            if pidfile is not None:
+                pidfile.release()
 
     def _serve(self) -> int:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -89,24 +138,40 @@ class Master:
                 "errand-boy master %d serving on %s with %d workers",
                 os.getpid(), self.config.socket_path, self.config.pool_size,
             )
-            while self.workers:
-                ready, _, _ = select.select([wake_r, self.control_r], [], [], 1.0)
+            while self.workers or (self.restart_at and not self.stopping):
+                ready, _, _ = select.select([wake_r, self.control_r], [], [], self.wait_time())
                 if wake_r in ready:
                     self.on_signals(os.read(wake_r, 512))
                 if self.control_r in ready:
                     self.on_messages()
                 self.reap()
+                self.run_due_restarts()
+                self.check_stop_deadline()
+                flush_summaries()
             log.info("errand-boy master %d stopped", os.getpid())
+            flush_summaries(final=True)
             return 0
         finally:
             signal.set_wakeup_fd(-1)
             for fd in (wake_r, wake_w, self.control_r, self.control_w):
                 os.close(fd)
 
+    def wait_time(self) -> float:
+        wait = 1.0
+        if self.restart_at:
+            wait = min(wait, max(0.0, min(self.restart_at) - time.monotonic()))
+        return wait
+
     # ------------------------------------------------------------------
+    # workers
 
     def start_worker(self) -> None:
-        slot = next(i for i in range(self.board.slots) if i not in self.workers)
+        free = [i for i in range(self.board.slots) if i not in self.workers]
+        if not free:
+            log.error("no free worker slot (too many workers still retiring); will retry")
+            self.restart_at.append(time.monotonic() + 1.0)
+            return
+        slot = free[0]
         proc = self.ctx.Process(
             target=worker_main,
             args=(slot, self.listener, self.board, self.config.worker, self.control_w, os.getpid()),
@@ -123,12 +188,29 @@ class Master:
         self.workers[slot] = proc
         self.pids[proc.pid] = slot
 
+    def signal_workers(self, signum: int, slots: Optional[Set[int]] = None) -> None:
+        for slot, proc in list(self.workers.items()):
+            if (slots is None or slot in slots) and proc.pid is not None:
+                try:
+                    os.kill(proc.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def reload(self) -> None:
+        """Replace every worker without refusing or dropping a connection."""
+        old = set(self.workers) - self.retiring
+        log.info("SIGHUP: replacing %d workers", len(old))
+        for _ in range(self.config.pool_size):
+            self.start_worker()
+        self.retiring |= old
+        self.signal_workers(signal.SIGUSR2, old)
+
     def on_signals(self, data: bytes) -> None:
         for signum in data:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self.stop(signal.Signals(signum).name)
-            elif signum == signal.SIGHUP:
-                log.info("SIGHUP: nothing to reload")
+            elif signum == signal.SIGHUP and not self.stopping:
+                self.reload()
 
     def on_messages(self) -> None:
         try:
@@ -141,17 +223,13 @@ class Master:
                 if not self.stopping:
                     log.info("served --max-accepts=%d connections; stopping", self.config.worker.max_accepts)
                 self.stop(None, signal.SIGUSR1)
-            elif code == b"R" and not self.stopping:
+            elif code == b"R" and not self.stopping and slot not in self.retiring:
                 log.info("worker %d retires after %d commands", slot, self.config.worker.max_child_tasks)
+                self.retiring.add(slot)
                 self.start_worker()
 
     def stop(self, why: Optional[str], signum: int = signal.SIGTERM) -> None:
-        """Stop serving; ``signum`` tells the workers how.
-
-        SIGTERM: start nothing new, let running commands finish (a second
-        SIGTERM kills them). SIGUSR1: serve every connection already
-        accepted, then exit.
-        """
+        """Stop serving; ``signum`` tells the workers how (see the module)."""
         if why:
             self.stop_requests += 1
             if self.stop_requests == 1:
@@ -160,15 +238,21 @@ class Master:
                 log.info("%s again: stopping now", why)
         if not self.stopping:
             self.stopping = True
+            self.restart_at.clear()
+            self.stop_deadline = time.monotonic() + self.config.worker.graceful_timeout + STOP_BACKSTOP
             # New clients get "no such file" from now on; the backlog is
             # answered by the workers.
             remove_socket_file(self.config.socket_path, self.identity)
-        for proc in self.workers.values():
-            if proc.pid is not None:
-                try:
-                    os.kill(proc.pid, signum)
-                except ProcessLookupError:
-                    pass
+        self.signal_workers(signum)
+
+    def check_stop_deadline(self) -> None:
+        if self.stopping and self.workers and time.monotonic() > self.stop_deadline:
+            log.error("workers did not stop in time: killing them")
+            self.signal_workers(signal.SIGKILL)
+            self.stop_deadline = float("inf")
+
+    # ------------------------------------------------------------------
+    # reaping and supervision
 
     def reap(self) -> None:
         """Reap exited workers (replacing them) and re-parented orphans."""
@@ -196,18 +280,78 @@ class Master:
     def worker_exited(self, pid: int) -> None:
         slot = self.pids.pop(pid)
         proc = self.workers.pop(slot)
+        board = self.board
         code = proc.exitcode
-        lost = self.board.get(slot, sb.RUNNING)
-        self.board.set(slot, sb.PID, 0)
-        self.board.set(slot, sb.RUNNING, 0)
+        lost = board.get(slot, sb.RUNNING)
+        board.set(slot, sb.PID, 0)
+        board.set(slot, sb.RUNNING, 0)
+        board.set(slot, sb.QUEUED, 0)
+        board.set(slot, sb.WAITING_SINCE, 0)
         if lost:
-            self.board.add(slot, sb.FAILED, lost)
-        retired = not self.stopping and len(self.workers) >= self.config.pool_size
-        if code == 0 and (self.stopping or retired):
+            board.add(slot, sb.FAILED, lost)
+            board.finish(lost)
+        planned = slot in self.retiring or self.stopping
+        self.retiring.discard(slot)
+        if code == 0 and planned:
             log.debug("worker %d (pid %d) exited", slot, pid)
             return
-        log.error("worker %d (pid %d) died with exit code %s; %d commands lost", slot, pid, code, lost)
-        if not self.stopping:
+        killed = self.kill_orphans()
+        log.error(
+            "worker %d (pid %d) died (exit code %s); %d running commands lost, %d orphaned process groups killed",
+            slot, pid, code, lost, killed,
+        )
+        if not planned:
+            self.schedule_restart()
+
+    def kill_orphans(self) -> int:
+        """Kill the process groups of commands whose worker died.
+
+        They were re-parented to us (a subreaper): any child of ours that
+        is not a worker is one.
+        """
+        me = os.getpid()
+        killed = 0
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) in self.pids:
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == me and fields[0] != b"Z":
+                try:
+                    os.killpg(int(fields[2]), signal.SIGKILL)  # its process group
+                    killed += 1
+                except (ProcessLookupError, PermissionError):
+                    pass
+        return killed
+
+    def schedule_restart(self) -> None:
+        now = time.monotonic()
+        self.deaths = [t for t in self.deaths if now - t < FLAP_WINDOW] + [now]
+        if len(self.deaths) > FLAP_DEATHS:
+            if not self.flapping:
+                self.flapping = True
+                log.error(
+                    "workers are dying repeatedly (%d deaths in %g s): restarting them with "
+                    "exponential backoff until they stay up", len(self.deaths), FLAP_WINDOW,
+                )
+            self.backoff = min(BACKOFF_MAX, self.backoff * 2 or BACKOFF_FIRST)
+        self.restart_at.append(now + (self.backoff if self.flapping else 0.0))
+
+    def run_due_restarts(self) -> None:
+        if self.stopping:
+            self.restart_at.clear()
+            return
+        now = time.monotonic()
+        if self.flapping and self.deaths and now - self.deaths[-1] > FLAP_WINDOW:
+            self.flapping = False
+            self.backoff = 0.0
+            log.error("workers have stayed up for %g s: the restart backoff is over", FLAP_WINDOW)
+        due = [t for t in self.restart_at if t <= now]
+        self.restart_at = [t for t in self.restart_at if t > now]
+        for _ in due:
             self.start_worker()
 
 

@@ -1,10 +1,14 @@
-"""Figures shared between the master and its workers.
+"""Figures and limits shared between the master and its workers.
 
 A block of shared memory made before the workers are forked: one row per
-worker slot, each written only by the worker that holds the slot, so no
-lock is needed for them. The one figure every worker adds to (connections
-accepted, for ``--max-accepts``) is guarded by a lock, and only touched
-when that limit is set.
+worker slot, each written only by the worker that holds the slot (so the
+per-slot figures need no lock), and a small header that every worker
+updates under one lock: connections accepted (for ``--max-accepts``) and
+commands running (for ``--max-concurrent``).
+
+Admission is first come, first served across the whole server: a worker
+publishes when its oldest waiting request arrived, and a request may take a
+free slot only if no other worker has one waiting since earlier.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import multiprocessing
 import time
 from typing import Any, Dict, List
 
-PID, RUNNING, SERVED, ACCEPTED, FAILED = range(5)
-_FIELDS = 5
-_ACCEPTS = 0  # header: total connections accepted by the whole server
-_HEADER = 1
+PID, RUNNING, SERVED, ACCEPTED, FAILED, QUEUED, WAITING_SINCE, BUSY = range(8)
+_FIELDS = 8
+_ACCEPTS, _RUNNING = range(2)  # header cells
+_HEADER = 2
 
 
 class Scoreboard:
@@ -25,7 +29,7 @@ class Scoreboard:
         ctx = multiprocessing.get_context("fork")
         self.slots = slots
         self._cells: Any = ctx.RawArray(ctypes.c_longlong, _HEADER + slots * _FIELDS)
-        self.accept_lock = ctx.Lock()
+        self.lock = ctx.Lock()
         self.started_wall = time.time()
         self.started = time.monotonic()
 
@@ -41,39 +45,71 @@ class Scoreboard:
     def add(self, slot: int, field: int, delta: int = 1) -> None:
         self._cells[self._at(slot, field)] += delta
 
+    # ------------------------------------------------------------------
+    # under the lock
+
     def take_accept(self, limit: int) -> int:
         """Count one more accepted connection; 0 once ``limit`` is reached.
 
         Returns the connection's number (1-based) otherwise.
         """
-        with self.accept_lock:
-            total = self._cells[_ACCEPTS]
+        cells = self._cells
+        with self.lock:
+            total = cells[_ACCEPTS]
             if total >= limit:
                 return 0
-            self._cells[_ACCEPTS] = total + 1
+            cells[_ACCEPTS] = total + 1
             return int(total + 1)
+
+    def try_start(self, slot: int, since: int, limit: int) -> bool:
+        """Take one of ``limit`` running places for a request waiting since
+        ``since`` (microseconds, monotonic) in ``slot``, unless all are taken
+        or another worker has a request that has waited longer."""
+        cells = self._cells
+        with self.lock:
+            if cells[_RUNNING] >= limit:
+                return False
+            if since:
+                for other in range(self.slots):
+                    if other != slot:
+                        waiting = cells[self._at(other, WAITING_SINCE)]
+                        if waiting and waiting < since:
+                            return False
+            cells[_RUNNING] += 1
+            return True
+
+    def finish(self, count: int = 1) -> None:
+        """Give back ``count`` running places."""
+        with self.lock:
+            self._cells[_RUNNING] -= count
+
+    # ------------------------------------------------------------------
 
     def accepts(self) -> int:
         return int(self._cells[_ACCEPTS])
 
     def figures(self) -> Dict[str, Any]:
         pids: List[int] = []
-        running = served = accepted = failed = 0
+        totals = dict.fromkeys(("running", "queued", "served", "failed", "busy", "connections"), 0)
         for slot in range(self.slots):
             pid = self.get(slot, PID)
             if pid:
                 pids.append(pid)
-            running += self.get(slot, RUNNING)
-            served += self.get(slot, SERVED)
-            accepted += self.get(slot, ACCEPTED)
-            failed += self.get(slot, FAILED)
+            totals["running"] += self.get(slot, RUNNING)
+            totals["queued"] += self.get(slot, QUEUED)
+            totals["served"] += self.get(slot, SERVED)
+            totals["failed"] += self.get(slot, FAILED)
+            totals["busy"] += self.get(slot, BUSY)
+            totals["connections"] += self.get(slot, ACCEPTED)
         return {
             "workers": len(pids),
             "worker_pids": pids,
-            "running": running,
-            "served": served,
-            "failed": failed,
-            "connections": accepted,
+            **totals,
             "uptime": round(time.monotonic() - self.started, 3),
             "started": self.started_wall,
         }
+
+
+def now_us() -> int:
+    """The monotonic clock in whole microseconds (never 0)."""
+    return int(time.monotonic() * 1_000_000) or 1

@@ -11,9 +11,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
+import signal
 import subprocess
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Tuple
+
+#: (resource.RLIMIT_*, soft, hard) triples applied to every command.
+Rlimits = Sequence[Tuple[int, int, int]]
 
 from ..protocol import Request
 
@@ -49,8 +54,15 @@ def _grow(fd: int) -> None:
         pass
 
 
-def spawn(request: Request) -> Child:
-    """Start ``request``'s command in a new session; raise SpawnError."""
+def spawn(request: Request, rlimits: Rlimits = ()) -> Child:
+    """Start ``request``'s command in a new session; raise SpawnError.
+
+    ``rlimits`` are applied with prlimit(2) as soon as the command has
+    started: setting them in the child before exec would need a
+    ``preexec_fn``, and so a full fork of the worker. The price is a window
+    of some tens of microseconds after exec (the dynamic loader's time) in
+    which the command runs under the worker's own limits.
+    """
     keep = []  # our ends
     give = []  # the child's ends, closed here once it has started
     try:
@@ -101,6 +113,17 @@ def spawn(request: Request) -> Child:
     # The worker reaps with wait4(); telling Popen so keeps subprocess's
     # own clean-up list from ever calling waitpid() on this pid.
     proc.returncode = 0
+    for limit, soft, hard in rlimits:
+        try:
+            resource.prlimit(proc.pid, limit, (soft, hard))
+        except ProcessLookupError:
+            break  # it has exited already; the worker reaps it
+        except (OSError, ValueError) as exc:
+            # Never let a command run without the limits it was promised.
+            os.killpg(proc.pid, signal.SIGKILL)
+            for fd in keep:
+                os.close(fd)
+            raise SpawnError(getattr(exc, "errno", None), f"cannot apply a resource limit: {exc}", None) from exc
     for fd in keep:
         os.set_blocking(fd, False)
     return Child(proc.pid, stdin, stdout, stderr)

@@ -19,14 +19,18 @@ import signal
 import socket
 import struct
 import sys
+import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Set, Tuple
+from collections import deque
+from typing import Any, Deque, Dict, FrozenSet, Optional, Set, Tuple
 
 from .. import __version__
 from . import scoreboard as sb
 from .connection import Connection
+from .logs import command_text, flush_summaries
 from .loop import IN, Loop
-from .scoreboard import Scoreboard
+from .scoreboard import Scoreboard, now_us
+from .spawn import Rlimits
 
 log = logging.getLogger("errand_boy.server")
 
@@ -36,8 +40,12 @@ _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 ACCEPT_BATCH = 16
 #: Handled through the loop; blocked from fork until the handlers are in place.
 WORKER_SIGNALS = frozenset(
-    (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1)
+    (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2)
 )
+#: Retry interval for queued requests: places freed by other workers are
+#: only seen by looking.
+QUEUE_POLL = 0.005
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,13 @@ class WorkerConfig:
     max_child_tasks: int = 0
     max_accepts: int = 0
     request_timeout: float = 10.0
+    max_concurrent: int = 256
+    queue_timeout: float = 30.0
+    default_timeout: Optional[float] = None
+    graceful_timeout: float = 30.0
+    rlimits: Rlimits = ()
+    allow_uids: FrozenSet[int] = frozenset()
+    allow_gids: FrozenSet[int] = frozenset()
 
 
 def _prctl(option: int, value: int) -> bool:
@@ -85,6 +100,8 @@ class Worker:
         self.orphaned = False
         self.commands = 0
         self.uid = os.getuid()
+        self.waiting: Deque[Tuple[int, Connection]] = deque()  # (since, conn), oldest first
+        self.queue_timer: Optional[Any] = None
 
     # ------------------------------------------------------------------
     # set-up
@@ -114,14 +131,19 @@ class Worker:
         self.loop.register(self.listener.fileno(), IN | select.EPOLLEXCLUSIVE, self.on_accept)
         log.debug("worker %d ready", self.index)
         try:
+            next_flush = 0.0
             while self.listener is not None or self.connections or self.children:
-                self.loop.run_once(None if self.listener is not None else 1.0)
+                self.loop.run_once(1.0)
+                if self.loop.now >= next_flush:  # summaries of repeated warnings
+                    flush_summaries()
+                    next_flush = self.loop.now + 1.0
                 if os.getppid() != self.master_pid and not self.orphaned:
                     log.error("worker %d: the master went away; stopping", self.index)
                     self.orphaned = True
                     self.shut_down(now=True)
         finally:
             self.board.set(self.index, sb.RUNNING, 0)
+            flush_summaries(final=True)
         log.debug("worker %d done", self.index)
 
     def on_signal(self, mask: int) -> None:
@@ -136,6 +158,8 @@ class Worker:
                 self.shut_down(now=self.shutting_down)
             elif signum == signal.SIGUSR1:
                 self.retire("the server has served its --max-accepts connections")
+            elif signum == signal.SIGUSR2:
+                self.retire(None)  # a reload: new workers take the backlog
             # SIGINT: a terminal's Ctrl-C reaches the whole process group;
             # the master decides what happens.
 
@@ -175,8 +199,11 @@ class Worker:
         pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
         conn = Connection(self, sock, uid, pid)
         self.connections.add(conn)
-        if uid != self.uid and uid != 0:
-            log.warning("refused a connection from uid %d (pid %d)", uid, pid)
+        if not self.allowed(sock, uid, gid):
+            log.warning(
+                "refused a connection from uid %d gid %d (pid %d)", uid, gid, pid,
+                extra={"fields": {"uid": uid, "gid": gid, "peer_pid": pid, "flood_key": ("forbidden", uid)}},
+            )
             conn.fail("forbidden", f"user {uid} is not allowed to run commands on this server")
         elif refuse is not None:
             conn.fail("shutting-down", refuse)
@@ -185,6 +212,15 @@ class Worker:
             # here already, and reading now saves a trip round the loop.
             conn.on_socket(IN)
         return conn
+
+    def allowed(self, sock: socket.socket, uid: int, gid: int) -> bool:
+        """The server's own user, root, and the users and groups let in."""
+        config = self.config
+        if uid in (self.uid, 0) or uid in config.allow_uids or gid in config.allow_gids:
+            return True
+        if config.allow_gids:
+            return not config.allow_gids.isdisjoint(_peer_groups(sock))
+        return False
 
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
@@ -196,6 +232,47 @@ class Worker:
     # ------------------------------------------------------------------
     # commands
 
+    def admit(self, conn: Connection) -> bool:
+        """Give ``conn`` a running place now, or queue it (False)."""
+        if not self.waiting and self.board.try_start(self.index, 0, self.config.max_concurrent):
+            return True
+        since = now_us()
+        self.waiting.append((since, conn))
+        self.publish_queue()
+        if self.queue_timer is None:
+            self.queue_timer = self.loop.call_later(QUEUE_POLL, self.start_waiting)
+        return False
+
+    def unqueue(self, conn: Connection) -> None:
+        for entry in self.waiting:
+            if entry[1] is conn:
+                self.waiting.remove(entry)
+                break
+        self.publish_queue()
+
+    def publish_queue(self) -> None:
+        board = self.board
+        board.set(self.index, sb.QUEUED, len(self.waiting))
+        board.set(self.index, sb.WAITING_SINCE, self.waiting[0][0] if self.waiting else 0)
+
+    def start_waiting(self) -> None:
+        """Start queued requests, oldest first, while places are free."""
+        self.queue_timer = None
+        while self.waiting:
+            since, conn = self.waiting[0]
+            if not self.board.try_start(self.index, since, self.config.max_concurrent):
+                break
+            self.waiting.popleft()
+            self.publish_queue()
+            conn.launch()
+        if self.waiting:
+            self.queue_timer = self.loop.call_later(QUEUE_POLL, self.start_waiting)
+
+    def release_place(self) -> None:
+        self.board.finish()
+        if self.waiting:
+            self.start_waiting()
+
     def command_started(self, conn: Connection) -> None:
         self.children[conn.pid] = conn
         self.board.add(self.index, sb.RUNNING)
@@ -203,22 +280,37 @@ class Worker:
     def command_finished(self, conn: Connection, returncode: int, reason: str, duration: float) -> None:
         self.board.add(self.index, sb.RUNNING, -1)
         self.board.add(self.index, sb.SERVED)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "pid %d uid %d: %r ended (%s %d) after %.3fs, %d bytes out",
-                conn.pid, conn.peer_uid, _short(conn), reason, returncode, duration, conn.bytes_out,
+        self.release_place()
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "command ended", extra={"fields": {**_command_fields(conn), "reason": reason,
+                                                   "returncode": returncode, "duration": round(duration, 6),
+                                                   "bytes_out": conn.bytes_out}},
             )
 
     def command_aborted(self, conn: Connection, why: str) -> None:
         self.board.add(self.index, sb.RUNNING, -1)
         self.board.add(self.index, sb.FAILED)
+        self.release_place()
         if conn.pid in self.children:
             self.children[conn.pid] = None  # still to be reaped, for nobody
-        log.info("pid %d uid %d: %r killed: %s", conn.pid, conn.peer_uid, _short(conn), why)
+        duration = time.monotonic() - conn.started
+        log.info(
+            "command killed",
+            extra={"fields": {**_command_fields(conn), "reason": why, "duration": round(duration, 6),
+                              "bytes_out": conn.bytes_out}},
+        )
 
     def command_failed(self, conn: Connection, why: str) -> None:
         self.board.add(self.index, sb.FAILED)
-        log.info("uid %d: %r not started: %s", conn.peer_uid, _short(conn), why)
+        log.info("command not started", extra={"fields": {**_command_fields(conn), "reason": why}})
+
+    def command_busy(self, conn: Connection) -> None:
+        self.board.add(self.index, sb.BUSY)
+        log.warning(
+            "command refused: busy",
+            extra={"fields": {**_command_fields(conn), "flood_key": "busy"}},
+        )
 
     def reap(self) -> None:
         """Reap every child that has exited: commands and adopted orphans."""
@@ -266,29 +358,61 @@ class Worker:
         self.loop.unregister(listener.fileno())
         listener.close()
 
-    def retire(self, why: str) -> None:
-        """Take no new connections; serve the ones we have, then exit."""
+    def retire(self, why: Optional[str]) -> None:
+        """Take no new connections; serve the ones we have, then exit.
+
+        ``why``: answer the backlog with shutting-down, saying why; None
+        leaves it to the other workers (a reload).
+        """
         self.stop_accepting(refuse=why)
         self.loop.flush()
 
     def shut_down(self, now: bool = False) -> None:
-        """Start no new command; with ``now``, kill the running ones too."""
+        """Start no new command; let running ones finish for the graceful
+        timeout, then kill their groups (``now``: at once). Their clients
+        still get an X frame, with the signal."""
+        first = not self.shutting_down
         self.shutting_down = True
-        self.stop_accepting(refuse="the server is shutting down and takes no new commands")
+        refusal = "the server is shutting down and takes no new commands"
+        self.stop_accepting(refuse=refusal)
         for conn in list(self.connections):
-            if conn.state == "request":
-                conn.fail("shutting-down", "the server is shutting down and takes no new commands")
-            elif now:
-                conn.fail("shutting-down", "the server stopped at once")
+            if conn.state in ("request", "queued"):
+                conn.fail("shutting-down", refusal)
+            elif now and conn.state == "running":
+                conn.kill()
+        if first and not now:
+            self.loop.call_later(self.config.graceful_timeout, self.end_grace)
         self.loop.flush()
 
+    def end_grace(self) -> None:
+        running = [conn for conn in self.connections if conn.state == "running"]
+        if running:
+            log.warning(
+                "graceful timeout (%g s) over: killing %d running commands",
+                self.config.graceful_timeout, len(running),
+            )
+        for conn in running:
+            conn.kill()
 
-def _short(conn: Connection, limit: int = 120) -> str:
+
+def _command_fields(conn: Connection) -> Dict[str, Any]:
     request = conn.request
-    if request is None:
-        return "-"
-    text = os.fsdecode(request.cmd) if request.cmd is not None else " ".join(map(os.fsdecode, request.argv or ()))
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    text = "-"
+    if request is not None:
+        if request.cmd is not None:
+            text = os.fsdecode(request.cmd)
+        else:
+            text = " ".join(map(os.fsdecode, request.argv or ()))
+    return {"uid": conn.peer_uid, "peer_pid": conn.peer_pid, "cmd_pid": conn.pid or None, "cmd": command_text(text)}
+
+
+def _peer_groups(sock: socket.socket) -> Tuple[int, ...]:
+    """The peer's supplementary groups (SO_PEERGROUPS), or () if unknown."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 1024)
+    except OSError:
+        return ()
+    return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
 
 
 def _noop(signum: int, frame: Any) -> None:
