@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from . import __version__
 from .defaults import DEFAULT_SOCKET_PATH, SOCKET_ENV
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"the server's Unix socket (default: ${SOCKET_ENV}, else {DEFAULT_SOCKET_PATH})",
     )
+    parser.add_argument("--status", action="store_true",
+                        help="print the running server's figures and exit (non-zero when it is not reachable)")
+    parser.add_argument("--json", action="store_true", help="with --status: print the status reply as JSON")
     parser.add_argument(
         "-t", "--transport", metavar="DOTTED.PATH", default=DEFAULT_TRANSPORT,
         help=f"transport class (default: {DEFAULT_TRANSPORT})",
@@ -150,6 +154,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ImportError, AttributeError, ValueError) as exc:
         parser.error(f"cannot load transport {args.transport!r}: {exc}")
     transport = transport_cls(args.socket)
+    if args.status:
+        return show_status(transport, as_json=args.json)
     if args.command:
         return run_client(transport, args)
     return run_server(transport, args)
@@ -187,8 +193,52 @@ def run_server(transport: Any, args: argparse.Namespace) -> int:
         print(f"errand-boy: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"errand-boy: cannot serve on {transport.socket_path}: {exc}", file=sys.stderr)
+        print(f"errand-boy: cannot start the server (socket {transport.socket_path}): {exc}", file=sys.stderr)
         return 1
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.3g} ms"
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(hours or days) + [f"{minutes}m", f"{secs}s"]
+    return " ".join(parts)
+
+
+def format_status(info: Dict[str, Any], socket_path: str) -> str:
+    """The status reply for a person."""
+    latency = info.get("latency") or {}
+    lines = [
+        f"errand-boy {info.get('version', '?')} on {socket_path} (master pid {info.get('pid', '?')}), "
+        f"up {_duration(info.get('uptime'))}",
+        f"workers   {info.get('workers', '?')} (pids {', '.join(map(str, info.get('worker_pids', [])))})",
+        f"running   {info.get('running', '?')}, queued {info.get('queued', '?')}",
+        f"served    {info.get('served', '?')}, failed {info.get('failed', '?')}, busy {info.get('busy', '?')}, "
+        f"connections {info.get('connections', '?')}",
+        "latency   " + ", ".join(f"{name} {_duration(value)}" for name, value in sorted(latency.items())),
+    ]
+    return "\n".join(lines)
+
+
+def show_status(transport: Any, as_json: bool) -> int:
+    from .exceptions import ErrandBoyError
+
+    try:
+        info = transport.status()
+    except (ErrandBoyError, OSError) as exc:
+        print(f"errand-boy: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        print(format_status(info, transport.socket_path))
+    return 0
 
 
 def run_client(transport: Any, args: argparse.Namespace) -> int:

@@ -31,9 +31,10 @@ import signal
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import scoreboard as sb
+from . import systemd
 from .listener import bind_unix_socket, remove_socket_file
 from .logs import flush_summaries
 from .pidfile import PidFile
@@ -99,6 +100,8 @@ class Master:
         self.flapping = False
         self.backoff = 0.0
         self.restart_at: List[float] = []  # when to start replacements
+        self.pidfile: Optional[PidFile] = None
+        self.identity: Optional[Tuple[int, int]] = None
 
     def run(self) -> int:
         from setproctitle import setproctitle
@@ -110,14 +113,21 @@ class Master:
         pidfile = PidFile(config.pidfile) if config.pidfile else None
         if pidfile is not None:
             pidfile.acquire()
+        self.pidfile = pidfile
         try:
-            self.listener, self.identity = bind_unix_socket(config.socket_path, config.socket_mode)
+            activated = systemd.activated_socket()
+            if activated is not None:
+                # systemd made (and owns) the socket file: leave it alone.
+                self.listener, self.identity = activated, None
+            else:
+                self.listener, self.identity = bind_unix_socket(config.socket_path, config.socket_mode)
             try:
-                if config.socket_group is not None:
+                if config.socket_group is not None and activated is None:
                     os.chown(config.socket_path, -1, group_id(config.socket_group))
                 return self._serve()
             finally:
-                remove_socket_file(config.socket_path, self.identity)
+                if self.identity is not None:
+                    remove_socket_file(config.socket_path, self.identity)
                 self.listener.close()
         finally:
             if pidfile is not None:
@@ -135,9 +145,11 @@ class Master:
             for _ in range(self.config.pool_size):
                 self.start_worker()
             log.info(
-                "errand-boy master %d serving on %s with %d workers",
+                "errand-boy master %d serving on %s with %d workers%s",
                 os.getpid(), self.config.socket_path, self.config.pool_size,
+                " (socket from systemd)" if self.identity is None else "",
             )
+            systemd.notify(f"READY=1\nMAINPID={os.getpid()}")
             while self.workers or (self.restart_at and not self.stopping):
                 ready, _, _ = select.select([wake_r, self.control_r], [], [], self.wait_time())
                 if wake_r in ready:
@@ -175,7 +187,7 @@ class Master:
         proc = self.ctx.Process(
             target=worker_main,
             args=(slot, self.listener, self.board, self.config.worker, self.control_w, os.getpid()),
-            kwargs={"close_fds": (*self.wake, self.control_r)},
+            kwargs={"close_fds": (*self.wake, self.control_r, *self.pidfile_fds())},
             name=f"errand-boy worker {slot}",
         )
         # Signals wait (blocked) until the new worker has its own handlers;
@@ -187,6 +199,9 @@ class Master:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         self.workers[slot] = proc
         self.pids[proc.pid] = slot
+
+    def pidfile_fds(self) -> List[int]:
+        return [self.pidfile.fileno()] if self.pidfile is not None else []
 
     def signal_workers(self, signum: int, slots: Optional[Set[int]] = None) -> None:
         for slot, proc in list(self.workers.items()):
@@ -238,11 +253,13 @@ class Master:
                 log.info("%s again: stopping now", why)
         if not self.stopping:
             self.stopping = True
+            systemd.notify("STOPPING=1")
             self.restart_at.clear()
             self.stop_deadline = time.monotonic() + self.config.worker.graceful_timeout + STOP_BACKSTOP
             # New clients get "no such file" from now on; the backlog is
             # answered by the workers.
-            remove_socket_file(self.config.socket_path, self.identity)
+            if self.identity is not None:
+                remove_socket_file(self.config.socket_path, self.identity)
         self.signal_workers(signum)
 
     def check_stop_deadline(self) -> None:

@@ -16,10 +16,14 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 PID, RUNNING, SERVED, ACCEPTED, FAILED, QUEUED, WAITING_SINCE, BUSY = range(8)
-_FIELDS = 8
+#: Command durations: a log-linear histogram, four buckets per power of two
+#: of microseconds (1 us to about 70 minutes), so percentiles are within 19%.
+_SUB = 4
+_BUCKETS = 32 * _SUB
+_FIELDS = 8 + _BUCKETS
 _ACCEPTS, _RUNNING = range(2)  # header cells
 _HEADER = 2
 
@@ -85,6 +89,30 @@ class Scoreboard:
 
     # ------------------------------------------------------------------
 
+    def record_duration(self, slot: int, seconds: float) -> None:
+        self._cells[self._at(slot, 8 + _bucket(seconds))] += 1
+
+    def percentiles(self, wanted: Tuple[float, ...] = (0.5, 0.9, 0.99)) -> Dict[str, Optional[float]]:
+        counts = [0] * _BUCKETS
+        for slot in range(self.slots):
+            base = self._at(slot, 8)
+            for i, n in enumerate(self._cells[base : base + _BUCKETS]):
+                counts[i] += n
+        total = sum(counts)
+        result: Dict[str, Optional[float]] = {}
+        for p in wanted:
+            name = f"p{int(p * 100)}"
+            if not total:
+                result[name] = None
+                continue
+            rank, seen = p * total, 0
+            for i, n in enumerate(counts):
+                seen += n
+                if seen >= rank:
+                    result[name] = round(_bucket_top(i), 6)
+                    break
+        return result
+
     def accepts(self) -> int:
         return int(self._cells[_ACCEPTS])
 
@@ -107,7 +135,23 @@ class Scoreboard:
             **totals,
             "uptime": round(time.monotonic() - self.started, 3),
             "started": self.started_wall,
+            "latency": self.percentiles(),
         }
+
+
+def _bucket(seconds: float) -> int:
+    us = max(1, int(seconds * 1_000_000))
+    exponent = us.bit_length() - 1
+    sub = (us >> (exponent - 2)) & 3 if exponent >= 2 else 0
+    return min(_BUCKETS - 1, exponent * _SUB + sub)
+
+
+def _bucket_top(index: int) -> float:
+    """The upper bound, in seconds, of a histogram bucket."""
+    exponent, sub = divmod(index, _SUB)
+    if exponent < 2:
+        return (2 ** (exponent + 1)) / 1_000_000
+    return ((4 + sub + 1) << (exponent - 2)) / 1_000_000
 
 
 def now_us() -> int:

@@ -280,6 +280,7 @@ class Worker:
     def command_finished(self, conn: Connection, returncode: int, reason: str, duration: float) -> None:
         self.board.add(self.index, sb.RUNNING, -1)
         self.board.add(self.index, sb.SERVED)
+        self.board.record_duration(self.index, duration)
         self.release_place()
         if log.isEnabledFor(logging.INFO):
             log.info(
