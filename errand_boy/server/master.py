@@ -21,6 +21,7 @@ SIGUSR2 the same but leave the backlog to your successors (reload).
 
 from __future__ import annotations
 
+import gc
 import grp
 import logging
 import multiprocessing
@@ -32,6 +33,8 @@ import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set, Tuple
+
+from setproctitle import setproctitle
 
 from . import scoreboard as sb
 from . import systemd
@@ -104,8 +107,6 @@ class Master:
         self.identity: Optional[Tuple[int, int]] = None
 
     def run(self) -> int:
-        from setproctitle import setproctitle
-
         setproctitle("errand-boy master")
         raise_nofile_limit()
         become_subreaper()
@@ -142,6 +143,12 @@ class Master:
             signal.signal(signum, _noop)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         try:
+            # Everything allocated so far is shared with the workers, page by
+            # page, until somebody writes to it. The cyclic GC would: it
+            # writes to every object it examines. Freezing takes what exists
+            # now out of its reach, so the workers' pages stay shared.
+            gc.collect()
+            gc.freeze()
             for _ in range(self.config.pool_size):
                 self.start_worker()
             log.info(

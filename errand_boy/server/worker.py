@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from collections import deque
 from typing import Any, Deque, Dict, FrozenSet, Optional, Set, Tuple
 
+from setproctitle import setproctitle
+
 from .. import __version__
 from . import scoreboard as sb
 from .connection import Connection
@@ -107,8 +109,6 @@ class Worker:
     # set-up
 
     def run(self) -> None:
-        from setproctitle import setproctitle
-
         setproctitle(f"errand-boy worker {self.index}")
         become_subreaper()
         # A master killed outright must not leave its workers serving: the

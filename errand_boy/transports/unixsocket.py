@@ -14,10 +14,21 @@ from __future__ import annotations
 
 import importlib
 from subprocess import CompletedProcess
-from typing import Any, Dict, Optional, Tuple
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
-from .. import client
 from ..defaults import resolve_socket_path
+
+if TYPE_CHECKING:
+    from .. import client
+
+
+def _client() -> ModuleType:
+    # Imported on first use: a server started through this transport never
+    # loads the client, and its workers share fewer pages they do not need.
+    from .. import client
+
+    return client
 
 __all__ = ["UNIXSocketTransport"]
 
@@ -38,19 +49,19 @@ class UNIXSocketTransport:
 
     def Popen(self, args: Any, **options: Any) -> client.Popen:
         """A :class:`errand_boy.client.Popen` for ``args``, run by this server."""
-        return client.Popen(args, socket_path=self.socket_path, **options)
+        return _client().Popen(args, socket_path=self.socket_path, **options)  # type: ignore[no-any-return]
 
     def run_cmd(self, cmd: Any, input: Any = None, **options: Any) -> Tuple[client.Popen, Any, Any]:
         """Run ``cmd``; return ``(process, stdout, stderr)``. See :func:`errand_boy.client.run_cmd`."""
-        return client.run_cmd(cmd, input, socket_path=self.socket_path, **options)
+        return _client().run_cmd(cmd, input, socket_path=self.socket_path, **options)  # type: ignore[no-any-return]
 
     def run(self, args: Any, **options: Any) -> CompletedProcess[Any]:
         """As :func:`subprocess.run`. See :func:`errand_boy.client.run`."""
-        return client.run(args, socket_path=self.socket_path, **options)
+        return _client().run(args, socket_path=self.socket_path, **options)  # type: ignore[no-any-return]
 
     def status(self) -> Dict[str, Any]:
         """The server's figures (the ``S`` object of an ``op: status`` request)."""
-        return client.status(self.socket_path)
+        return _client().status(self.socket_path)  # type: ignore[no-any-return]
 
     def run_server(self, **options: Any) -> Any:
         """Run an errand-boy server on this socket (returns when it stops)."""
