@@ -2,10 +2,10 @@
 
 ::
 
-    fab locust-local                                   # 10 users for 10 s
-    fab locust-local --run-time 30s --users 50 --spawn-rate 25 --pool-size 4
+    fab locust_local                                   # 10 users for 10 s
+    fab locust_local --run-time 30s --users 50 --spawn-rate 25 --pool-size 4
 
-(Invoke spells the task ``locust_local`` with a dash on the command line.)
+(``fabric.yaml`` beside this file keeps the underscore in the task's name.)
 
 ``locust_local`` starts an errand-boy server on a private socket (in a
 temporary directory), waits until it answers, runs ``locustfile.py``
