@@ -77,8 +77,10 @@ The API copies :mod:`asyncio.subprocess`. These are all the differences:
 from __future__ import annotations
 
 import asyncio
+import errno
 import locale
 import signal
+import socket
 from subprocess import DEVNULL, PIPE, STDOUT, CalledProcessError, CompletedProcess, TimeoutExpired
 from typing import Any, Callable, Coroutine, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union, cast
 
@@ -213,6 +215,109 @@ async def _readable(fd: int) -> None:
 
 
 # --------------------------------------------------------------------------
+# The sending side of a connection
+
+
+class _Sender:
+    """Sends a command's frames through a descriptor of its own.
+
+    asyncio's transport closes the whole socket when a send fails, and drops
+    whatever the server sent that was not read yet. A send fails whenever
+    input crosses the server's close after its last frame (``X`` then close,
+    while ``I 0`` is on its way), and the reply must survive that. So frames
+    go out through a duplicate of the socket's descriptor, with a plain
+    non-blocking ``send`` and the loop's writer callbacks, and only the
+    receiving side is the asyncio stream's. A failed send marks this side
+    broken; the reply is read to its end all the same.
+    """
+
+    #: drain() waits while more than this is queued (asyncio's default high water).
+    HIGH_WATER = 64 * 1024
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sock: socket.socket = writer.get_extra_info("socket").dup()
+        self._sock.setblocking(False)
+        self._pending = bytearray()
+        self._waiters: List[asyncio.Future[None]] = []
+        self.broken = False  # the server takes no more, or this side was closed
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` whole after what is queued; dropped once broken."""
+        if self.broken:
+            return
+        if not self._pending:
+            try:
+                sent = self._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._break()
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._loop.add_writer(self._sock.fileno(), self._on_writable)
+        self._pending += data
+
+    def _on_writable(self) -> None:
+        try:
+            sent = self._sock.send(self._pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._break()
+            return
+        del self._pending[:sent]
+        if not self._pending:
+            self._loop.remove_writer(self._sock.fileno())
+        if len(self._pending) <= self.HIGH_WATER:
+            self._wake()
+
+    async def drain(self) -> None:
+        """Wait until at most HIGH_WATER bytes are queued; BrokenPipeError once broken."""
+        while not self.broken and len(self._pending) > self.HIGH_WATER:
+            waiter = self._loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        if self.broken:
+            raise BrokenPipeError(errno.EPIPE, "the errand-boy server takes no more input")
+
+    def close(self, last: bytes = b"") -> None:
+        """Send ``last`` if it goes at once (never blocking), then close."""
+        if self._sock.fileno() < 0:
+            return
+        if last and not self._pending and not self.broken:
+            try:
+                self._sock.send(last)
+            except OSError:
+                pass
+        self._break()
+        self._sock.close()
+
+    def _break(self) -> None:
+        if self._pending:
+            self._pending.clear()
+            self._loop.remove_writer(self._sock.fileno())
+        self.broken = True
+        self._wake()
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+
+# --------------------------------------------------------------------------
 # The standard input stream
 
 
@@ -230,8 +335,8 @@ class StdinWriter:
     def write(self, data: Union[bytes, bytearray, memoryview]) -> None:
         """Queue ``data`` as input; raises BrokenPipeError once input is closed."""
         process = self._process
-        if process._input_ended or process._finished.is_set():
-            raise BrokenPipeError("the command's standard input is closed")
+        if self.is_closing():
+            raise BrokenPipeError(errno.EPIPE, "the command's standard input is closed")
         data = bytes(data)
         size = client.INPUT_FRAME_SIZE
         for start in range(0, len(data), size):
@@ -257,7 +362,12 @@ class StdinWriter:
         self._process._end_input()
 
     def is_closing(self) -> bool:
-        return self._process._input_ended or self._process._finished.is_set()
+        process = self._process
+        return (
+            process._input_ended
+            or process._finished.is_set()
+            or bool(process._sender and process._sender.broken)
+        )
 
     async def wait_closed(self) -> None:
         """Wait until what was written has gone to the server (or the command ended)."""
@@ -295,6 +405,7 @@ class Process:
         self._error: Optional[BaseException] = None
         self._input_ended = False
         self._writer: Optional[asyncio.StreamWriter] = None
+        self._sender: Optional[_Sender] = None
         self._tasks: List[asyncio.Task[None]] = []
         self._started = asyncio.Event()
         self._finished = asyncio.Event()
@@ -335,8 +446,13 @@ class Process:
             reader, writer = await asyncio.open_unix_connection(self._socket_path, limit=DEFAULT_LIMIT)
         except OSError as exc:
             raise ServerUnavailable(self._socket_path, exc) from exc
+        try:
+            self._sender = _Sender(writer)
+        except BaseException:
+            writer.transport.abort()
+            raise
         self._writer = writer
-        writer.write(request)
+        self._sender.write(request)
         self._spawn_task(self._read_reply(reader, writer))
         try:
             await self._started.wait()
@@ -381,7 +497,7 @@ class Process:
         except Exception as exc:
             error = exc
         except BaseException:  # cancelled: close at once, the server kills the command
-            writer.transport.abort()
+            self._close_now()
             self._finish(None)
             raise
         finally:
@@ -408,10 +524,9 @@ class Process:
                 raise RemoteProtocolError("a status reply to a run request")
 
     async def _close(self, writer: asyncio.StreamWriter) -> None:
-        if writer.transport.get_write_buffer_size():
-            writer.transport.abort()  # input the server will never read
-        else:
-            writer.close()
+        assert self._sender is not None
+        self._sender.close()
+        writer.close()
         try:
             await writer.wait_closed()
         except OSError:
@@ -434,18 +549,21 @@ class Process:
     async def _abandon(self) -> None:
         """Close the connection now (the server kills the command) and wait
         for this process's tasks to end."""
-        writer = self._writer
-        if not self._finished.is_set() and writer is not None:
-            if not writer.transport.get_write_buffer_size():
-                # A best effort that never blocks: the close alone is enough.
-                writer.write(protocol.signal_frame(signal.SIGKILL))
-            writer.transport.abort()
+        if not self._finished.is_set() and self._writer is not None:
+            self._close_now()
             if self.pid is not None and self._returncode is None:
                 self._returncode, self.reason = -signal.SIGKILL, "signal"
             self._finish(None)
         for task in self._tasks:
             task.cancel()
         await self._settle()
+
+    def _close_now(self) -> None:
+        """Close both descriptors of the connection now."""
+        assert self._sender is not None and self._writer is not None
+        # A K frame is a best effort that never blocks: the close alone is enough.
+        self._sender.close(protocol.signal_frame(signal.SIGKILL))
+        self._writer.transport.abort()
 
     async def _settle(self) -> None:
         """Wait until every task of this process has ended."""
@@ -456,18 +574,14 @@ class Process:
     # -- input -------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
-        assert self._writer is not None
-        self._writer.write(data)
+        assert self._sender is not None
+        self._sender.write(data)
 
     async def _drain(self) -> None:
-        if self._finished.is_set() or self._writer is None:
-            if self._input_ended:
-                return
-            raise BrokenPipeError("the command has ended")
-        try:
-            await self._writer.drain()
-        except ConnectionError as exc:
-            raise BrokenPipeError("the errand-boy server takes no more input") from exc
+        assert self._sender is not None
+        if self._finished.is_set() and self._input_ended:
+            return
+        await self._sender.drain()
 
     def _end_input(self) -> None:
         if self._input_ended:

@@ -363,15 +363,6 @@ class Connection(Flushable):
             # by now, and reaping it here saves waiting for SIGCHLD.
             self.worker.reap_one(self.pid)  # calls on_exit, and so us again
             return
-        # Whatever is left of the command's group is killed: nothing it
-        # started survives it. (The group cannot be a new one yet: its id
-        # was the leader's pid, which another group cannot take while any
-        # member lives.)
-        try:
-            os.killpg(self.pid, _SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.close_stdin()
         returncode = os.waitstatus_to_exitcode(self.status)
         if self.timed_out:
             reason = "timeout"
@@ -386,6 +377,17 @@ class Connection(Flushable):
         )
         self.state = "closing"
         self.cancel_timers()
+        # The client waits for X, not for our clean-up, bookkeeping and log.
+        self.flush()
+        # Whatever is left of the command's group is killed: nothing it
+        # started survives it. (The group cannot be a new one yet: its id
+        # was the leader's pid, which another group cannot take while any
+        # member lives.)
+        try:
+            os.killpg(self.pid, _SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.close_stdin()
         self.worker.command_finished(self, returncode, reason, duration)
 
     def fail(self, code: str, message: str, **extra: Any) -> None:
