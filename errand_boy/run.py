@@ -17,6 +17,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from . import __version__
+from ._ids import group_id, user_id
 from .defaults import DEFAULT_SOCKET_PATH, SOCKET_ENV
 from .protocol import DEFAULT_MAX_REQUEST_BYTES
 
@@ -50,25 +51,17 @@ def _mode(text: str) -> int:
 
 
 def _uid(text: str) -> int:
-    if text.isdigit():
-        return int(text)
-    import pwd
-
     try:
-        return pwd.getpwnam(text).pw_uid
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"no such user: {text}") from None
+        return user_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _gid(text: str) -> int:
-    if text.isdigit():
-        return int(text)
-    import grp
-
     try:
-        return grp.getgrnam(text).gr_gid
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"no such group: {text}") from None
+        return group_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,6 @@ SIGUSR2 the same but leave the backlog to your successors (reload).
 from __future__ import annotations
 
 import gc
-import grp
 import logging
 import multiprocessing
 import os
@@ -36,6 +35,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 from setproctitle import setproctitle
 
+from .._ids import group_id
 from . import scoreboard as sb
 from . import systemd
 from .listener import bind_unix_socket, remove_socket_file
@@ -75,16 +75,6 @@ def raise_nofile_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the descriptor limit to %d: %s", hard, exc)
-
-
-def group_id(group: str) -> int:
-    """A group name or number as a gid."""
-    if group.isdigit():
-        return int(group)
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ValueError(f"no such group: {group!r}") from None
 
 
 class Master:
