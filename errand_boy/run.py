@@ -33,6 +33,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -95,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace a worker after N commands (default 0: never)")
     server.add_argument("--max-request-bytes", type=_positive_int, default=DEFAULT_MAX_REQUEST_BYTES,
                         metavar="N", help="largest command block accepted (default: 1 MiB)")
-    server.add_argument("--max-concurrent", type=_positive_int, default=256, metavar="N",
+    server.add_argument("--max-concurrent", type=_at_least_one, default=256, metavar="N",
                         help="commands running at once across the server; more wait (default 256)")
     server.add_argument("--queue-timeout", type=_seconds, default=30.0, metavar="SECONDS",
                         help="how long a request waits for a place before it gets 'busy' (default 30)")
