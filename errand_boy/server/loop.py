@@ -62,6 +62,10 @@ class Loop:
         self._seq = itertools.count()
         self._dirty: Set[Flushable] = set()
         self._cancelled = 0
+        # Descriptors unregistered while a batch of events is handled: the
+        # batch's later events for their numbers are stale, even when a new
+        # descriptor (an accepted connection) took the number meanwhile.
+        self._stale: Set[int] = set()
         self.now = time.monotonic()
 
     def register(self, fd: int, mask: int, handler: Handler) -> None:
@@ -74,6 +78,7 @@ class Loop:
     def unregister(self, fd: int) -> None:
         if self._handlers.pop(fd, None) is not None:
             self._epoll.unregister(fd)
+            self._stale.add(fd)
 
     def registered(self, fd: int) -> bool:
         return fd in self._handlers
@@ -105,12 +110,19 @@ class Loop:
         if timers:
             until = max(0.0, timers[0][0] - time.monotonic())
             wait = until if wait < 0 else min(wait, until)
+        self._stale.clear()
         events = self._epoll.poll(wait)
         self.now = time.monotonic()
         handlers = self._handlers
+        stale = self._stale
         for fd, mask in events:
+            if fd in stale:
+                # An earlier handler of this batch unregistered it (closed it,
+                # maybe reused the number). Level-triggered: a live one's
+                # event comes again on the next poll.
+                continue
             handler = handlers.get(fd)
-            if handler is not None:  # an earlier handler may have closed it
+            if handler is not None:
                 try:
                     handler(mask)
                 except Exception:
