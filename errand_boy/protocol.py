@@ -27,7 +27,7 @@ import math
 import re
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .exceptions import LocalProtocolError, RemoteProtocolError
 
@@ -362,7 +362,7 @@ def encode_simple_request(command: Union[str, bytes], input: bytes = b"") -> byt
 # Parsers
 
 
-def _valid_signals() -> frozenset:
+def _valid_signals() -> FrozenSet[int]:
     return _SIGNALS
 
 
