@@ -13,8 +13,9 @@ The command runs in the errand-boy server; this event loop only talks to it
 over one Unix-socket connection per command, opened with
 :func:`asyncio.open_unix_connection`. One task per command reads the reply
 and feeds the :class:`asyncio.StreamReader` objects of ``stdout`` and
-``stderr``; there is no thread and no fork. All framing is
-:mod:`errand_boy.protocol`'s, and the arguments are read as
+``stderr``; frames go out through a duplicate of the socket's descriptor
+(see :class:`_Sender` for why). There is no thread and no fork. All framing
+is :mod:`errand_boy.protocol`'s, and the arguments are read as
 :mod:`errand_boy.client` reads them.
 
 The API copies :mod:`asyncio.subprocess`. These are all the differences:
@@ -79,6 +80,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import locale
+import os
 import signal
 import socket
 from subprocess import DEVNULL, PIPE, STDOUT, CalledProcessError, CompletedProcess, TimeoutExpired
@@ -100,6 +102,7 @@ __all__ = [
     "STDOUT",
     "AsyncUNIXSocketTransport",
     "Process",
+    "StdinWriter",
     "create_subprocess_shell",
     "create_subprocess_exec",
     "run",
@@ -115,34 +118,7 @@ _Input = Union[str, bytes, None]
 
 
 # --------------------------------------------------------------------------
-# Helpers that the sync client has the same need for (see the module notes)
-
-
-def _connection_lost(socket_path: str) -> ConnectionLost:
-    return ConnectionLost(
-        f"the errand-boy server at {socket_path!r} went away before the reply was complete", socket_path
-    )
-
-
-def _protocol_broken(socket_path: str, exc: RemoteProtocolError) -> RemoteProtocolError:
-    error = RemoteProtocolError(f"the errand-boy server at {socket_path!r} broke the protocol: {exc.message}")
-    error.__cause__ = exc
-    return error
-
-
-def _run_streams(
-    input: _Input, capture_output: bool, stdin: Any, stdout: Any, stderr: Any
-) -> Tuple[Any, Any, Any]:
-    """``run()``'s stdin, stdout and stderr, with subprocess's argument checks."""
-    if input is not None:
-        if stdin is not None:
-            raise ValueError("stdin and input arguments may not both be used.")
-        stdin = PIPE
-    if capture_output:
-        if stdout is not None or stderr is not None:
-            raise ValueError("stdout and stderr arguments may not be used with capture_output.")
-        stdout = stderr = PIPE
-    return stdin, stdout, stderr
+# Text mode for run() and run_cmd()
 
 
 def _text_codec(
@@ -158,7 +134,7 @@ def _decode(data: Optional[bytes], codec: Optional[Tuple[str, str]]) -> Any:
     """Output as subprocess returns it: bytes, or text with universal newlines."""
     if data is None or codec is None:
         return data
-    return data.decode(*codec).replace("\r\n", "\n").replace("\r", "\n")
+    return client._decode_text(data, *codec)
 
 
 def _encode(data: Union[str, bytes], codec: Optional[Tuple[str, str]]) -> bytes:
@@ -236,15 +212,12 @@ class _Sender:
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._loop = asyncio.get_running_loop()
-        self._sock: socket.socket = writer.get_extra_info("socket").dup()
+        # os.dup of the number: any event loop's socket object has fileno().
+        self._sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
         self._sock.setblocking(False)
         self._pending = bytearray()
         self._waiters: List[asyncio.Future[None]] = []
         self.broken = False  # the server takes no more, or this side was closed
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
 
     def write(self, data: bytes) -> None:
         """Queue ``data`` whole after what is queued; dropped once broken."""
@@ -480,7 +453,7 @@ class Process:
                 fd, size = parser.payload_window()
                 data = await reader.read(min(size, client.RECV_SIZE) if fd else client.RECV_SIZE)
                 if not data:
-                    raise _connection_lost(self._socket_path)
+                    raise client._connection_lost(self._socket_path)
                 if fd:  # inside an output payload: skip the parser's copies
                     parser.payload_received(len(data))
                     self._route[fd](data)
@@ -488,11 +461,11 @@ class Process:
                     parser.receive_data(data)
                     self._dispatch(parser)
         except RemoteProtocolError as exc:
-            error = _protocol_broken(self._socket_path, exc)
+            error = client._protocol_broken(self._socket_path, exc)
         except ErrandBoyError as exc:  # a ! frame, or the end of the stream
             error = exc
         except OSError as exc:  # a reset, or a failed send of input
-            error = _connection_lost(self._socket_path)
+            error = client._connection_lost(self._socket_path)
             error.__cause__ = exc
         except Exception as exc:
             error = exc
@@ -829,7 +802,7 @@ async def run(
     raises :class:`subprocess.TimeoutExpired`; ``check`` raises
     :class:`subprocess.CalledProcessError`. Cancelling this kills the command.
     """
-    stdin, stdout, stderr = _run_streams(input, capture_output, stdin, stdout, stderr)
+    stdin, stdout, stderr = client._run_streams(input, capture_output, stdin, stdout, stderr)
     codec = _text_codec(text, universal_newlines, encoding, errors)
     process = await _create(
         args, client._target(args, shell), stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
@@ -867,7 +840,7 @@ async def status(socket_path: Optional[str] = None) -> Dict[str, Any]:
         while True:
             data = await reader.read(client.RECV_SIZE)
             if not data:
-                raise _connection_lost(path)
+                raise client._connection_lost(path)
             parser.receive_data(data)
             event = parser.next_event()
             if isinstance(event, protocol.StatusReply):
@@ -877,9 +850,9 @@ async def status(socket_path: Optional[str] = None) -> Dict[str, Any]:
             if event is not protocol.NEED_DATA:
                 raise RemoteProtocolError("a status request answered without an S frame")
     except RemoteProtocolError as exc:
-        raise _protocol_broken(path, exc) from exc
+        raise client._protocol_broken(path, exc) from exc
     except ConnectionResetError as exc:
-        raise _connection_lost(path) from exc
+        raise client._connection_lost(path) from exc
     finally:
         writer.transport.abort()
 

@@ -144,6 +144,41 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
     return max(deadline - time.monotonic(), 0.0)
 
 
+# Shared with errand_boy.aio: the errors and argument rules of both clients.
+
+
+def _connection_lost(socket_path: str) -> ConnectionLost:
+    return ConnectionLost(
+        f"the errand-boy server at {socket_path!r} went away before the reply was complete", socket_path
+    )
+
+
+def _protocol_broken(socket_path: str, exc: RemoteProtocolError) -> RemoteProtocolError:
+    error = RemoteProtocolError(f"the errand-boy server at {socket_path!r} broke the protocol: {exc.message}")
+    error.__cause__ = exc
+    return error
+
+
+def _run_streams(
+    input: Union[str, bytes, None], capture_output: bool, stdin: Any, stdout: Any, stderr: Any
+) -> Tuple[Any, Any, Any]:
+    """``run()``'s stdin, stdout and stderr, with subprocess's argument checks."""
+    if input is not None:
+        if stdin is not None:
+            raise ValueError("stdin and input arguments may not both be used.")
+        stdin = PIPE
+    if capture_output:
+        if stdout is not None or stderr is not None:
+            raise ValueError("stdout and stderr arguments may not be used with capture_output.")
+        stdout = stderr = PIPE
+    return stdin, stdout, stderr
+
+
+def _decode_text(data: bytes, encoding: str, errors: str) -> str:
+    """Output decoded as subprocess decodes it in text mode (universal newlines)."""
+    return data.decode(encoding, errors).replace("\r\n", "\n").replace("\r", "\n")
+
+
 # --------------------------------------------------------------------------
 # The socket
 
@@ -254,10 +289,7 @@ class _Connection:
         return data
 
     def lost(self) -> ConnectionLost:
-        return ConnectionLost(
-            f"the errand-boy server at {self.socket_path!r} went away before the reply was complete",
-            self.socket_path,
-        )
+        return _connection_lost(self.socket_path)
 
     def close(self) -> None:
         self.sock.close()
@@ -509,11 +541,7 @@ class _Command:
             try:
                 event = next_event()
             except RemoteProtocolError as exc:
-                error = RemoteProtocolError(
-                    f"the errand-boy server at {conn.socket_path!r} broke the protocol: {exc.message}"
-                )
-                error.__cause__ = exc
-                self._finish(error)
+                self._finish(_protocol_broken(conn.socket_path, exc))
                 return
             if type(event) is Output:
                 route[event.fd](event.data)
@@ -1086,8 +1114,7 @@ class Popen:
         if data is None or not self.text_mode:
             return data
         wrapper = cast(io.TextIOWrapper, stream)
-        text = data.decode(wrapper.encoding, wrapper.errors or "strict")
-        return text.replace("\r\n", "\n").replace("\r", "\n")
+        return _decode_text(data, wrapper.encoding, wrapper.errors or "strict")
 
     # -- signals -------------------------------------------------------------
 
@@ -1176,14 +1203,7 @@ def run(
     raises :class:`subprocess.TimeoutExpired`; ``check`` raises
     :class:`subprocess.CalledProcessError`. ``options`` are Popen's.
     """
-    if input is not None:
-        if stdin is not None:
-            raise ValueError("stdin and input arguments may not both be used.")
-        stdin = PIPE
-    if capture_output:
-        if stdout is not None or stderr is not None:
-            raise ValueError("stdout and stderr arguments may not be used with capture_output.")
-        stdout = stderr = PIPE
+    stdin, stdout, stderr = _run_streams(input, capture_output, stdin, stdout, stderr)
     process = Popen(
         args, stdin=stdin, stdout=stdout, stderr=stderr, timeout=timeout,
         socket_path=socket_path, _input=input, **options,
