@@ -31,12 +31,15 @@ def default_pool_size() -> int:
         return os.cpu_count() or 1
 
 
-def _limit_value(text: str) -> int:
-    if text.lower() in ("unlimited", "infinity"):
+def _limit_value(text: str, spec: str) -> int:
+    if text.strip().lower() in ("unlimited", "infinity"):
         return resource.RLIM_INFINITY
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"--rlimit {spec}: {text!r} is not a number or 'unlimited'") from None
     if value < 0:
-        raise ValueError(f"a limit cannot be negative: {text}")
+        raise ValueError(f"--rlimit {spec}: a limit cannot be negative")
     return value
 
 
@@ -50,11 +53,16 @@ def parse_rlimit(spec: str) -> Tuple[int, int, int]:
     if not sep or name not in RLIMIT_NAMES:
         raise ValueError(f"--rlimit takes NAME=SOFT[:HARD] with NAME one of {', '.join(RLIMIT_NAMES)}; got {spec!r}")
     soft_text, _, hard_text = values.partition(":")
-    soft = _limit_value(soft_text)
-    hard = _limit_value(hard_text) if hard_text else soft
+    soft = _limit_value(soft_text, spec)
+    hard = _limit_value(hard_text, spec) if hard_text else soft
     if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
         raise ValueError(f"--rlimit {spec}: the soft limit is above the hard one")
-    return getattr(resource, f"RLIMIT_{name.upper()}"), soft, hard
+    limit = getattr(resource, f"RLIMIT_{name.upper()}")
+    current = resource.getrlimit(limit)[1]
+    above = current != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > current)
+    if above and os.geteuid() != 0:
+        raise ValueError(f"--rlimit {spec}: the hard limit is above this server's own ({current})")
+    return limit, soft, hard
 
 
 def serve(

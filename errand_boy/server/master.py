@@ -298,12 +298,11 @@ class Master:
         code = proc.exitcode
         lost = board.get(slot, sb.RUNNING)
         board.set(slot, sb.PID, 0)
-        board.set(slot, sb.RUNNING, 0)
         board.set(slot, sb.QUEUED, 0)
         board.set(slot, sb.WAITING_SINCE, 0)
         if lost:
             board.add(slot, sb.FAILED, lost)
-            board.finish(lost)
+            board.finish(slot, lost)
         planned = slot in self.retiring or self.stopping
         self.retiring.discard(slot)
         if code == 0 and planned:

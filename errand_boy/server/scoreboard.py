@@ -8,13 +8,22 @@ commands running (for ``--max-concurrent``).
 
 Admission is first come, first served across the whole server: a worker
 publishes when its oldest waiting request arrived, and a request may take a
-free slot only if no other worker has one waiting since earlier.
+free slot only if no other worker has one waiting since earlier. A place is
+counted in the server's total and in its worker's ``RUNNING`` cell in one
+step under the lock, so the master can give back exactly the places of a
+worker that died.
+
+The lock is a POSIX record lock on a memfd, not a semaphore: the kernel
+drops it when its holder dies, so a worker killed at the wrong moment
+cannot stop every other worker.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import multiprocessing
+import os
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -33,7 +42,7 @@ class Scoreboard:
         ctx = multiprocessing.get_context("fork")
         self.slots = slots
         self._cells: Any = ctx.RawArray(ctypes.c_longlong, _HEADER + slots * _FIELDS)
-        self.lock = ctx.Lock()
+        self.lock = ProcessLock()
         self.started_wall = time.time()
         self.started = time.monotonic()
 
@@ -80,12 +89,14 @@ class Scoreboard:
                         if waiting and waiting < since:
                             return False
             cells[_RUNNING] += 1
+            cells[self._at(slot, RUNNING)] += 1
             return True
 
-    def finish(self, count: int = 1) -> None:
-        """Give back ``count`` running places."""
+    def finish(self, slot: int, count: int = 1) -> None:
+        """Give back ``count`` running places of ``slot``."""
         with self.lock:
             self._cells[_RUNNING] -= count
+            self._cells[self._at(slot, RUNNING)] -= count
 
     # ------------------------------------------------------------------
 
@@ -152,6 +163,24 @@ def _bucket_top(index: int) -> float:
     if exponent < 2:
         return (2 ** (exponent + 1)) / 1_000_000
     return ((4 + sub + 1) << (exponent - 2)) / 1_000_000
+
+
+class ProcessLock:
+    """A lock between processes that dies with its holder (see the module)."""
+
+    def __init__(self) -> None:
+        self._fd = os.memfd_create("errand-boy-scoreboard", os.MFD_CLOEXEC)
+        os.write(self._fd, b"\0")
+
+    def __enter__(self) -> "ProcessLock":
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def fileno(self) -> int:
+        return self._fd
 
 
 def now_us() -> int:

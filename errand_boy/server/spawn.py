@@ -12,10 +12,9 @@ import errno
 import fcntl
 import os
 import resource
-import signal
 import subprocess
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 #: (resource.RLIMIT_*, soft, hard) triples applied to every command.
 Rlimits = Sequence[Tuple[int, int, int]]
@@ -57,11 +56,12 @@ def _grow(fd: int) -> None:
 def spawn(request: Request, rlimits: Rlimits = ()) -> Child:
     """Start ``request``'s command in a new session; raise SpawnError.
 
-    ``rlimits`` are applied with prlimit(2) as soon as the command has
-    started: setting them in the child before exec would need a
-    ``preexec_fn``, and so a full fork of the worker. The price is a window
-    of some tens of microseconds after exec (the dynamic loader's time) in
-    which the command runs under the worker's own limits.
+    ``rlimits`` are set in the child before exec, so the command never runs
+    a single instruction without them. That takes a ``preexec_fn`` and so a
+    real fork of the worker instead of vfork; the worker is small, and only
+    servers started with ``--rlimit`` pay it. (Applying them with prlimit(2)
+    after exec was tried: a command could run, and even print its limits,
+    before they were in place.)
     """
     keep = []  # our ends
     give = []  # the child's ends, closed here once it has started
@@ -98,6 +98,7 @@ def spawn(request: Request, rlimits: Rlimits = ()) -> Child:
             env=request.env,
             start_new_session=True,
             close_fds=True,
+            preexec_fn=_limiter(rlimits) if rlimits else None,
         )
     except OSError as exc:
         for fd in keep:
@@ -113,20 +114,17 @@ def spawn(request: Request, rlimits: Rlimits = ()) -> Child:
     # The worker reaps with wait4(); telling Popen so keeps subprocess's
     # own clean-up list from ever calling waitpid() on this pid.
     proc.returncode = 0
-    for limit, soft, hard in rlimits:
-        try:
-            resource.prlimit(proc.pid, limit, (soft, hard))
-        except ProcessLookupError:
-            break  # it has exited already; the worker reaps it
-        except (OSError, ValueError) as exc:
-            # Never let a command run without the limits it was promised.
-            os.killpg(proc.pid, signal.SIGKILL)
-            for fd in keep:
-                os.close(fd)
-            raise SpawnError(getattr(exc, "errno", None), f"cannot apply a resource limit: {exc}", None) from exc
     for fd in keep:
         os.set_blocking(fd, False)
     return Child(proc.pid, stdin, stdout, stderr)
+
+
+def _limiter(rlimits: Rlimits) -> Callable[[], None]:
+    def set_limits() -> None:  # in the child, between fork and exec
+        for limit, soft, hard in rlimits:
+            resource.setrlimit(limit, (soft, hard))
+
+    return set_limits
 
 
 def _spawn_error(exc: OSError, request: Request) -> SpawnError:

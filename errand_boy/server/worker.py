@@ -115,7 +115,6 @@ class Worker:
         # kernel sends SIGTERM when it dies (and getppid() covers the race).
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         self.board.set(self.index, sb.PID, os.getpid())
-        self.board.set(self.index, sb.RUNNING, 0)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = wake_r
         # Handlers (not SIG_IGN): commands must start with default dispositions,
@@ -142,7 +141,6 @@ class Worker:
                     self.orphaned = True
                     self.shut_down(now=True)
         finally:
-            self.board.set(self.index, sb.RUNNING, 0)
             flush_summaries(final=True)
         log.debug("worker %d done", self.index)
 
@@ -269,16 +267,14 @@ class Worker:
             self.queue_timer = self.loop.call_later(QUEUE_POLL, self.start_waiting)
 
     def release_place(self) -> None:
-        self.board.finish()
+        self.board.finish(self.index)
         if self.waiting:
             self.start_waiting()
 
     def command_started(self, conn: Connection) -> None:
-        self.children[conn.pid] = conn
-        self.board.add(self.index, sb.RUNNING)
+        self.children[conn.pid] = conn  # (its place was counted by admit)
 
     def command_finished(self, conn: Connection, returncode: int, reason: str, duration: float) -> None:
-        self.board.add(self.index, sb.RUNNING, -1)
         self.board.add(self.index, sb.SERVED)
         self.board.record_duration(self.index, duration)
         self.release_place()
@@ -290,7 +286,6 @@ class Worker:
             )
 
     def command_aborted(self, conn: Connection, why: str) -> None:
-        self.board.add(self.index, sb.RUNNING, -1)
         self.board.add(self.index, sb.FAILED)
         self.release_place()
         if conn.pid in self.children:
@@ -410,7 +405,8 @@ def _command_fields(conn: Connection) -> Dict[str, Any]:
 def _peer_groups(sock: socket.socket) -> Tuple[int, ...]:
     """The peer's supplementary groups (SO_PEERGROUPS), or () if unknown."""
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 1024)
+        # CPython caps getsockopt's buffer at 1024 bytes: 256 groups.
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)
     except OSError:
         return ()
     return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
