@@ -46,7 +46,13 @@ over one Unix-socket connection per command. The API copies
   collected while its command runs closes its connection, and the server
   kills the command's process group (subprocess would leave it running).
 * **Not supported:** ``preexec_fn``, ``close_fds``, ``pass_fds``,
-  ``start_new_session`` (always on), ``user``/``group``, ``restore_signals``.
+  ``start_new_session`` (always on), ``user``/``group``, ``restore_signals``,
+  ``executable``, ``umask``, ``extra_groups``, ``process_group``,
+  ``pipesize``, ``startupinfo``, ``creationflags`` (a ``TypeError``). Every
+  argument after ``args`` is keyword-only.
+* **Lenient input.** A ``str`` given to :meth:`Popen.communicate` in binary
+  mode is encoded as UTF-8 (the original errand-boy's ``run_cmd`` took
+  ``input='foo'``) where subprocess raises ``TypeError``.
 * **Extensions:** ``Popen(timeout=...)``, ``socket_path=``, and the attributes
   :attr:`Popen.timed_out`, :attr:`Popen.reason` (``"exit"``, ``"signal"`` or
   ``"timeout"``) and :attr:`Popen.info` (the server's whole ``X`` object).

@@ -40,6 +40,13 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _request_bytes(text: str) -> int:
+    value = int(text)
+    if value < 65536:
+        raise argparse.ArgumentTypeError(f"must be at least 65536 (the protocol's minimum), not {value}")
+    return value
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -100,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exit after N connections, once they are served (default 0: no limit)")
     server.add_argument("--max-child-tasks", type=_positive_int, default=0, metavar="N",
                         help="replace a worker after N commands (default 0: never)")
-    server.add_argument("--max-request-bytes", type=_positive_int, default=DEFAULT_MAX_REQUEST_BYTES,
-                        metavar="N", help="largest command block accepted (default: 1 MiB)")
+    server.add_argument("--max-request-bytes", type=_request_bytes, default=DEFAULT_MAX_REQUEST_BYTES,
+                        metavar="N", help="largest command block accepted (default: 1 MiB; at least 64 KiB)")
     server.add_argument("--max-concurrent", type=_at_least_one, default=256, metavar="N",
                         help="commands running at once across the server; more wait (default 256)")
     server.add_argument("--queue-timeout", type=_seconds, default=30.0, metavar="SECONDS",

@@ -733,14 +733,15 @@ def test_half_close_inside_a_frame(socket_path, groups):
 
 
 def test_too_large_command_block(start_server):
-    path = start_server("--pool-size", "1", "--max-request-bytes", "1000").socket_path
-    fits = b"echo " + b"a" * 900
+    # 64 KiB is the smallest limit the protocol allows.
+    path = start_server("--pool-size", "1", "--max-request-bytes", "65536").socket_path
+    fits = b"echo " + b"a" * 65000
     reply = run(path, simple(fits))
-    assert reply.stdout == b"a" * 900 + b"\n"
+    assert reply.stdout == b"a" * 65000 + b"\n"
     for request in (
-        simple(b"echo " + b"a" * 2000),
-        b"echo " + b"a" * 5000,
-        extended({"cmd": "echo " + "a" * 2000}),
+        simple(b"echo " + b"a" * 66000),
+        b"echo " + b"a" * 70000,
+        extended({"cmd": "echo " + "a" * 66000}),
     ):
         reply = run(path, request)
         assert reply.kinds() == "!"

@@ -93,9 +93,12 @@ def serve(
     ``/tmp/errand-boy``. Raises :class:`AlreadyRunning` when another
     server listens there (or holds the pidfile), :class:`ValueError` for
     bad options. ``timeout`` is the default for commands that set none.
+    It installs signal handlers, so it must run in the main thread.
     """
-    if log_level is not None:
-        configure_logging(log_level, log_format)
+    if max_request_bytes < 65536:
+        raise ValueError("max_request_bytes must be at least 65536 (the protocol's minimum)")
+    if log_level is not None or log_format != "text":
+        configure_logging(log_level or "INFO", log_format)
     config = ServerConfig(
         socket_path=resolve_socket_path(socket_path),
         pool_size=pool_size or default_pool_size(),

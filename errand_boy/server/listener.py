@@ -9,10 +9,12 @@ import stat
 import struct
 from typing import Tuple
 
+from ..exceptions import ErrandBoyError
+
 BACKLOG = 4096
 
 
-class AlreadyRunning(Exception):
+class AlreadyRunning(ErrandBoyError):
     """Another server listens on the socket path."""
 
 

@@ -110,6 +110,9 @@ class Master:
             if activated is not None:
                 # systemd made (and owns) the socket file: leave it alone.
                 self.listener, self.identity = activated, None
+                if config.socket_mode != 0o600 or config.socket_group is not None:
+                    log.warning("--socket-mode and --socket-group are ignored: the socket comes from "
+                                "systemd (set SocketMode= and SocketGroup= in the .socket unit)")
             else:
                 self.listener, self.identity = bind_unix_socket(config.socket_path, config.socket_mode)
             try:
