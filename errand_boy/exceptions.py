@@ -160,7 +160,7 @@ class SpawnFailed(ServerError, OSError):
         return (_rebuild_spawn_failed, (self.errno, self.message, self.filename, self.details))
 
 
-def _rebuild_spawn_failed(errno: Optional[int], message: str, filename: Any, details: Any) -> "SpawnFailed":
+def _rebuild_spawn_failed(errno: Optional[int], message: str, filename: Any, details: Any) -> SpawnFailed:
     return _spawn_failed_class(errno)(errno, message, filename, details)
 
 

@@ -746,7 +746,9 @@ class ReplyParser:
             got = self._frames.next(self._buf)
             if got is None:
                 if self._eof:
-                    raise RemoteProtocolError("the server closed the connection before the reply was complete")
+                    raise RemoteProtocolError(
+                        "the server closed the connection before the reply was complete"
+                    )
                 return NEED_DATA
             kind, piece, _ = got
             if kind not in b"OE" or piece:  # an empty O or E frame says nothing

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the server's Unix socket (default: ${SOCKET_ENV}, else {DEFAULT_SOCKET_PATH})",
     )
     parser.add_argument("--status", action="store_true",
-                        help="print the running server's figures and exit (non-zero when it is not reachable)")
+                        help="print the running server's figures and exit "
+                             "(non-zero when it is not reachable)")
     parser.add_argument("--json", action="store_true", help="with --status: print the status reply as JSON")
     parser.add_argument(
         "-t", "--transport", metavar="DOTTED.PATH", default=DEFAULT_TRANSPORT,
@@ -226,7 +227,8 @@ def format_status(info: Dict[str, Any], socket_path: str) -> str:
         f"up {_duration(info.get('uptime'))}",
         f"workers   {info.get('workers', '?')} (pids {', '.join(map(str, info.get('worker_pids', [])))})",
         f"running   {info.get('running', '?')}, queued {info.get('queued', '?')}",
-        f"served    {info.get('served', '?')}, failed {info.get('failed', '?')}, busy {info.get('busy', '?')}, "
+        f"served    {info.get('served', '?')}, failed {info.get('failed', '?')}, "
+        f"busy {info.get('busy', '?')}, "
         f"connections {info.get('connections', '?')}",
         "latency   " + ", ".join(f"{name} {_duration(value)}" for name, value in sorted(latency.items())),
     ]

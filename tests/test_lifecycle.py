@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from procs import all_pids, fd_count, proc_stat, wait_for, zombie_children
 from rawclient import ProtocolViolation, RawClient, Reply, extended, frame, run, simple
 
 from errand_boy.exceptions import Busy, ConnectionLost, Forbidden
@@ -46,21 +47,6 @@ ERROR_CODES = {"bad-request", "too-large", "forbidden", "spawn-failed", "busy", 
 # /proc helpers
 
 
-def proc_stat(pid: int) -> Optional[Tuple[str, int, int]]:
-    """(state, ppid, pgid) of ``pid``, or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[1]), int(fields[2])
-
-
-def all_pids() -> List[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
 def group_members(pgid: int) -> List[int]:
     """Every process (zombies included) in process group ``pgid``."""
     return [pid for pid in all_pids() if (proc_stat(pid) or ("", 0, -1))[2] == pgid]
@@ -73,15 +59,6 @@ def live_children(pid: int) -> List[int]:
         st = proc_stat(child)
         if st is not None and st[1] == pid and st[0] != "Z":
             found.append(child)
-    return found
-
-
-def zombie_children(parents: List[int]) -> List[int]:
-    found = []
-    for pid in all_pids():
-        st = proc_stat(pid)
-        if st is not None and st[0] == "Z" and st[1] in parents:
-            found.append(pid)
     return found
 
 
@@ -105,20 +82,6 @@ def describe(pids: List[int]) -> List[Tuple[int, Any, bytes]]:
             cmdline = b"?"
         out.append((pid, proc_stat(pid), cmdline))
     return out
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 def bytes_written(pid: int) -> int:

@@ -19,9 +19,10 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
+from procs import all_pids, fd_count, proc_stat, wait_for, zombie_children
 from rawclient import FrameSplitter, RawClient, Reply, extended, frame, run, simple
 
 pytestmark = pytest.mark.integration
@@ -33,21 +34,6 @@ PY = sys.executable
 # /proc helpers
 
 
-def proc_stat(pid: int) -> Optional[Tuple[str, int, int]]:
-    """(state, ppid, pgid) of ``pid``, or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[1]), int(fields[2])
-
-
-def all_pids() -> List[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
 def group_members(pgid: int) -> List[int]:
     """Every process (zombies included) in process group ``pgid``."""
     members = []
@@ -56,15 +42,6 @@ def group_members(pgid: int) -> List[int]:
         if st is not None and st[2] == pgid:
             members.append(pid)
     return members
-
-
-def zombie_children(parents: List[int]) -> List[int]:
-    found = []
-    for pid in all_pids():
-        st = proc_stat(pid)
-        if st is not None and st[0] == "Z" and st[1] in parents:
-            found.append(pid)
-    return found
 
 
 def _children(pid: int) -> List[int]:
@@ -85,26 +62,12 @@ def rss_kb(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def bytes_written(pid: int) -> int:
     with open(f"/proc/{pid}/io") as f:
         for line in f:
             if line.startswith("wchar:"):
                 return int(line.split()[1])
     raise AssertionError(f"no wchar for {pid}")
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------

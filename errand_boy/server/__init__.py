@@ -51,7 +51,9 @@ def parse_rlimit(spec: str) -> Tuple[int, int, int]:
     name, sep, values = spec.partition("=")
     name = name.strip().lower()
     if not sep or name not in RLIMIT_NAMES:
-        raise ValueError(f"--rlimit takes NAME=SOFT[:HARD] with NAME one of {', '.join(RLIMIT_NAMES)}; got {spec!r}")
+        raise ValueError(
+            f"--rlimit takes NAME=SOFT[:HARD] with NAME one of {', '.join(RLIMIT_NAMES)}; got {spec!r}"
+        )
     soft_text, _, hard_text = values.partition(":")
     soft = _limit_value(soft_text, spec)
     hard = _limit_value(hard_text, spec) if hard_text else soft

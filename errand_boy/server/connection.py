@@ -59,7 +59,7 @@ _SIGKILL = signal.SIGKILL
 
 
 class Connection(Flushable):
-    def __init__(self, worker: "Worker", sock: socket.socket, peer_uid: int, peer_pid: int) -> None:
+    def __init__(self, worker: Worker, sock: socket.socket, peer_uid: int, peer_pid: int) -> None:
         self.worker = worker
         self.loop = worker.loop
         self.sock = sock
@@ -317,7 +317,7 @@ class Connection(Flushable):
             self.internal_error()
 
     def signal_group(self, signum: int) -> None:
-        if self.state != "running" or self.status is not None and not self.pipes_open():
+        if self.state != "running" or (self.status is not None and not self.pipes_open()):
             return
         try:
             os.killpg(self.pid, signum)

@@ -28,9 +28,9 @@ ERR = select.EPOLLERR
 class Timer:
     """A pending call; :meth:`cancel` stops it."""
 
-    __slots__ = ("when", "callback", "cancelled", "loop")
+    __slots__ = ("callback", "cancelled", "loop", "when")
 
-    def __init__(self, loop: "Loop", when: float, callback: Callable[[], None]) -> None:
+    def __init__(self, loop: Loop, when: float, callback: Callable[[], None]) -> None:
         self.loop = loop
         self.when = when
         self.callback: Optional[Callable[[], None]] = callback

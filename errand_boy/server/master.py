@@ -313,7 +313,8 @@ class Master:
             return
         killed = self.kill_orphans()
         log.error(
-            "worker %d (pid %d) died (exit code %s); %d running commands lost, %d orphaned process groups killed",
+            "worker %d (pid %d) died (exit code %s); %d running commands lost, "
+            "%d orphaned process groups killed",
             slot, pid, code, lost, killed,
         )
         if not planned:

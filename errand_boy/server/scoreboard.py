@@ -172,7 +172,7 @@ class ProcessLock:
         self._fd = os.memfd_create("errand-boy-scoreboard", os.MFD_CLOEXEC)
         os.write(self._fd, b"\0")
 
-    def __enter__(self) -> "ProcessLock":
+    def __enter__(self) -> ProcessLock:
         fcntl.lockf(self._fd, fcntl.LOCK_EX)
         return self
 

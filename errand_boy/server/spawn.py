@@ -16,10 +16,10 @@ import subprocess
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
+from ..protocol import Request
+
 #: (resource.RLIMIT_*, soft, hard) triples applied to every command.
 Rlimits = Sequence[Tuple[int, int, int]]
-
-from ..protocol import Request
 
 #: Bigger pipes mean fewer wake-ups per megabyte when a command writes a lot.
 PIPE_SIZE = 1 << 20

@@ -20,8 +20,8 @@ import socket
 import struct
 import sys
 import time
-from dataclasses import dataclass
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Deque, Dict, FrozenSet, Optional, Set, Tuple
 
 from setproctitle import setproctitle
@@ -399,7 +399,12 @@ def _command_fields(conn: Connection) -> Dict[str, Any]:
             text = os.fsdecode(request.cmd)
         else:
             text = " ".join(map(os.fsdecode, request.argv or ()))
-    return {"uid": conn.peer_uid, "peer_pid": conn.peer_pid, "cmd_pid": conn.pid or None, "cmd": command_text(text)}
+    return {
+        "uid": conn.peer_uid,
+        "peer_pid": conn.peer_pid,
+        "cmd_pid": conn.pid or None,
+        "cmd": command_text(text),
+    }
 
 
 def _peer_groups(sock: socket.socket) -> Tuple[int, ...]:

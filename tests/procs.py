@@ -1,0 +1,45 @@
+"""Looking at processes through /proc, for the system tests."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, List, Optional, Tuple
+
+
+def proc_stat(pid: int) -> Optional[Tuple[str, int, int]]:
+    """(state, ppid, pgid) of ``pid``, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[1]), int(fields[2])
+
+
+def all_pids() -> List[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def zombie_children(parents: List[int]) -> List[int]:
+    found = []
+    for pid in all_pids():
+        st = proc_stat(pid)
+        if st is not None and st[0] == "Z" and st[1] in parents:
+            found.append(pid)
+    return found
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
