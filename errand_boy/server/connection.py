@@ -24,7 +24,7 @@ import signal
 import socket
 import termios
 import time
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from .. import protocol
 from ..exceptions import RemoteProtocolError
@@ -216,7 +216,7 @@ class Connection(Flushable):
             child = spawn(request, worker.config.rlimits)
         except SpawnError as exc:
             worker.release_place()
-            extra = {"errno": exc.errno} if exc.errno is not None else {}
+            extra: Dict[str, Any] = {"errno": exc.errno} if exc.errno is not None else {}
             if exc.filename is not None:
                 extra["filename"] = exc.filename
             self.state = "request"  # (so that fail() answers)

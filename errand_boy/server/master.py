@@ -197,6 +197,7 @@ class Master:
             proc.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        assert proc.pid is not None
         self.workers[slot] = proc
         self.pids[proc.pid] = slot
 

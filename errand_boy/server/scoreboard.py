@@ -161,7 +161,7 @@ def _bucket_top(index: int) -> float:
     """The upper bound, in seconds, of a histogram bucket."""
     exponent, sub = divmod(index, _SUB)
     if exponent < 2:
-        return (2 ** (exponent + 1)) / 1_000_000
+        return float(2 << exponent) / 1_000_000
     return ((4 + sub + 1) << (exponent - 2)) / 1_000_000
 
 

@@ -67,9 +67,9 @@ def spawn(request: Request, rlimits: Rlimits = ()) -> Child:
     give = []  # the child's ends, closed here once it has started
     try:
         stdin = stdout = stderr = None
-        child_in: object = subprocess.DEVNULL
-        child_out: object = subprocess.DEVNULL
-        child_err: object = subprocess.DEVNULL
+        child_in: int = subprocess.DEVNULL
+        child_out: int = subprocess.DEVNULL
+        child_err: int = subprocess.DEVNULL
         if request.stdin == "pipe":
             r, w = os.pipe()
             give.append(r)

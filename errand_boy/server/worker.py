@@ -126,8 +126,9 @@ class Worker:
         # a blocked mask either, and anything pending arrives now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         self.loop.register(wake_r, IN, self.on_signal)
-        assert self.listener is not None
-        self.loop.register(self.listener.fileno(), IN | select.EPOLLEXCLUSIVE, self.on_accept)
+        listener = self.listener
+        assert listener is not None
+        self.loop.register(listener.fileno(), IN | select.EPOLLEXCLUSIVE, self.on_accept)
         log.debug("worker %d ready", self.index)
         try:
             next_flush = 0.0
