@@ -1,0 +1,191 @@
+"""The errand-boy client: :class:`Popen`, :func:`run` and :func:`run_cmd`.
+
+The command runs in the errand-boy server; this process only talks to it
+over one Unix-socket connection per command. The API copies
+:mod:`subprocess`; these are all the differences from
+:class:`subprocess.Popen` (and :func:`subprocess.run`):
+
+* **Pipes by default.** ``stdin``, ``stdout`` and ``stderr`` default to
+  ``PIPE`` (the original errand-boy's behaviour), not to inheritance.
+* **Nothing is inherited.** The command cannot share this process's
+  descriptors. ``stdin=None`` (like ``DEVNULL``) gives it ``/dev/null``;
+  ``stdout=None`` / ``stderr=None`` write what arrives to this process's own
+  ``sys.stdout.buffer`` / ``sys.stderr.buffer`` (flushed as it arrives), which
+  looks like inheritance; a file object or descriptor number given for
+  ``stdout``/``stderr`` gets the data written to it as it arrives, and one given
+  for ``stdin`` has its contents read and sent as input.
+* **Data moves only while you call in.** Output is received, and file input
+  sent, while this process waits, polls, communicates or reads a stream
+  (there is no thread). Output of a ``PIPE`` stream nobody reads yet is
+  buffered here, without limit, while you ``wait()``; the server slows a
+  command down only while this process is not receiving at all.
+* **Closing a stream does not break the pipe.** Closing ``stdout`` or
+  ``stderr`` discards its further output; the command does not get
+  ``SIGPIPE``. Output already taken into a stream object's buffer is not
+  returned by a later :meth:`Popen.communicate` (as with subprocess).
+* **Process ids and signals.** ``pid`` is in the server's PID namespace, not
+  necessarily usable here. Every command runs in its own session and process
+  group: :meth:`Popen.send_signal` (and ``terminate``/``kill``) signal the whole
+  group, through the server.
+* **Timeouts are enforced by the server.** ``Popen(timeout=...)`` is an
+  extension: on expiry the server kills the command's process group,
+  ``returncode`` is ``-9`` and :attr:`Popen.timed_out` is true. :func:`run`
+  passes its ``timeout`` to the server too, and waits a few seconds longer
+  itself before giving up on the connection.
+* **Errors.** Spawn errors raise from the constructor as subprocess does
+  (``FileNotFoundError`` for a missing program, an :class:`OSError` for a bad
+  ``cwd``), as :mod:`errand_boy.exceptions` subclasses of those. When no
+  server answers, the constructor raises
+  :class:`~errand_boy.exceptions.ServerUnavailable`. A failure after the
+  command started (the server going away:
+  :class:`~errand_boy.exceptions.ConnectionLost`; a ``!`` frame: a
+  :class:`~errand_boy.exceptions.ServerError`; a broken reply:
+  :class:`~errand_boy.exceptions.RemoteProtocolError`) is raised by the next
+  ``wait``, ``poll``, ``communicate`` or read that needs the reply.
+* **Closing the connection kills the command.** A :class:`Popen` garbage
+  collected while its command runs closes its connection, and the server
+  kills the command's process group (subprocess would leave it running).
+* **Not supported:** ``preexec_fn``, ``close_fds``, ``pass_fds``,
+  ``start_new_session`` (always on), ``user``/``group``, ``restore_signals``,
+  ``executable``, ``umask``, ``extra_groups``, ``process_group``,
+  ``pipesize``, ``startupinfo``, ``creationflags`` (a ``TypeError``). Every
+  argument after ``args`` is keyword-only.
+* **Lenient input.** A ``str`` given to :meth:`Popen.communicate` in binary
+  mode is encoded as UTF-8 (the original errand-boy's ``run_cmd`` took
+  ``input='foo'``) where subprocess raises ``TypeError``.
+* **Extensions:** ``Popen(timeout=...)``, ``socket_path=``, and the attributes
+  :attr:`Popen.timed_out`, :attr:`Popen.reason` (``"exit"``, ``"signal"`` or
+  ``"timeout"``) and :attr:`Popen.info` (the server's whole ``X`` object).
+
+The client never forks and never starts a thread. It uses plain blocking
+sockets and, while sending input, a selector looked up at call time, so
+eventlet and gevent monkey-patching make it cooperative.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from subprocess import DEVNULL, PIPE, STDOUT, CompletedProcess, TimeoutExpired
+from typing import Any, Dict, Optional, Tuple, Union
+
+from .. import protocol
+from ..defaults import resolve_socket_path
+from ..exceptions import RemoteProtocolError
+from ._args import _Args as _Args
+from ._args import _decode_text as _decode_text
+from ._args import _output_plan as _output_plan
+from ._args import _run_streams as _run_streams
+from ._args import _stdin_plan as _stdin_plan
+from ._args import _target as _target
+from ._args import _text_mode as _text_mode
+from ._command import SIGNAL_FLUSH_WAIT as SIGNAL_FLUSH_WAIT
+from ._command import _Command as _Command
+from ._connection import RECV_SIZE as RECV_SIZE
+from ._connection import _Connection as _Connection
+from ._connection import _connection_lost as _connection_lost
+from ._connection import _protocol_broken as _protocol_broken
+from ._io import INPUT_FRAME_SIZE as INPUT_FRAME_SIZE
+from ._io import _BytesSource as _BytesSource
+from ._io import _discard as _discard
+from ._io import _Source as _Source
+from .popen import EARLY_INPUT_LIMIT as EARLY_INPUT_LIMIT
+from .popen import Popen as Popen
+from .popen import _timeout_expired as _timeout_expired
+
+__all__ = [
+    "PIPE",
+    "DEVNULL",
+    "STDOUT",
+    "Popen",
+    "run",
+    "run_cmd",
+    "status",
+    "CompletedProcess",
+    "TimeoutExpired",
+    "CalledProcessError",
+]
+
+CalledProcessError = subprocess.CalledProcessError
+
+#: How long :func:`run` waits beyond its timeout for the server's verdict.
+TIMEOUT_GRACE = 5.0
+
+
+def run_cmd(
+    cmd: _Args, input: Union[str, bytes, None] = None, *, socket_path: Optional[str] = None, **options: Any
+) -> Tuple[Popen, Any, Any]:
+    """Run ``cmd`` with ``input``; return ``(process, stdout, stderr)``.
+
+    A thin wrapper over :class:`Popen` and ``communicate``: ``options`` are
+    Popen's. Output is bytes, or str in text mode; a str ``input`` is
+    encoded as UTF-8 unless in text mode.
+    """
+    process = Popen(cmd, socket_path=socket_path, _input=b"" if input is None else input, **options)
+    stdout, stderr = process.communicate()
+    return process, stdout, stderr
+
+
+def run(
+    args: _Args,
+    *,
+    input: Union[str, bytes, None] = None,
+    capture_output: bool = False,
+    check: bool = False,
+    timeout: Optional[float] = None,
+    stdin: Any = None,
+    stdout: Any = None,
+    stderr: Any = None,
+    socket_path: Optional[str] = None,
+    **options: Any,
+) -> CompletedProcess[Any]:
+    """Run a command and wait for it, exactly like :func:`subprocess.run`.
+
+    Without ``capture_output`` (or ``stdout``/``stderr``), the command's
+    output is written to this process's ``sys.stdout``/``sys.stderr`` as it
+    arrives, which is what inheriting them looks like. ``timeout`` is
+    enforced by the server (which kills the command's process group) and
+    raises :class:`subprocess.TimeoutExpired`; ``check`` raises
+    :class:`subprocess.CalledProcessError`. ``options`` are Popen's.
+    """
+    stdin, stdout, stderr = _run_streams(input, capture_output, stdin, stdout, stderr)
+    process = Popen(
+        args, stdin=stdin, stdout=stdout, stderr=stderr, timeout=timeout,
+        socket_path=socket_path, _input=input, **options,
+    )  # fmt: skip
+    with process:
+        out, err = _run_communicate(process, timeout)
+        if process.timed_out:
+            raise _timeout_expired(process.args, timeout, out, err)
+        returncode = process.wait()
+        out, err = process._decode(out, process.stdout), process._decode(err, process.stderr)
+        if check and returncode:
+            raise CalledProcessError(returncode, process.args, output=out, stderr=err)
+    return CompletedProcess(process.args, returncode, out, err)
+
+
+def _run_communicate(process: Popen, timeout: Optional[float]) -> Tuple[Optional[bytes], Optional[bytes]]:
+    """communicate() for run(): bytes, with a client-side deadline past the server's."""
+    deadline = None if timeout is None else time.monotonic() + timeout + TIMEOUT_GRACE
+    try:
+        return process._communicate_bytes(None, deadline, timeout)
+    except TimeoutExpired:
+        # The server did not stop the command in time: give up the connection
+        # (K 9, then close; either makes the server kill the group).
+        process._command.abandon(reason="timeout")
+        raise
+    except BaseException:
+        process._command.abandon()
+        raise
+    finally:
+        process._communication_started = True
+
+
+def status(socket_path: Optional[str] = None) -> Dict[str, Any]:
+    """The server's figures (its ``S`` object)."""
+    path = resolve_socket_path(socket_path)
+    command = _Command({1: _discard, 2: _discard})
+    command.start(path, protocol.encode_status_request())
+    if command.status is None:
+        raise RemoteProtocolError(f"the errand-boy server at {path!r} answered a status request without S")
+    return command.status

@@ -1,0 +1,298 @@
+"""The :class:`Popen` proxy: a :class:`subprocess.Popen` whose command runs
+in the errand-boy server.
+
+It plans the arguments, builds the request, makes the stream objects and
+leaves the exchange with the server to its
+:class:`~errand_boy.client._command._Command`; waiting, communicating and
+signalling go through that. See :mod:`errand_boy.client` for every
+difference from subprocess.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import time
+from subprocess import PIPE, TimeoutExpired
+from typing import IO, Any, Dict, Mapping, Optional, Tuple, Union, cast
+
+from .. import protocol
+from ..defaults import resolve_socket_path
+from ..exceptions import ConnectionLost
+from ._args import _Args, _decode_text, _output_plan, _stdin_plan, _target, _text_mode
+from ._command import _Command
+from ._io import _BytesSource
+from ._streams import _reader, _writer
+
+#: Input up to this size travels in the same send as the request: the socket
+#: buffers take it whole, so it cannot block while output waits unread.
+EARLY_INPUT_LIMIT = 64 * 1024
+
+
+def _timeout_expired(
+    args: Any, timeout: Optional[float], output: Optional[bytes] = None, stderr: Optional[bytes] = None
+) -> TimeoutExpired:
+    return TimeoutExpired(args, cast(float, timeout), output=output, stderr=stderr)
+
+
+class Popen:
+    """A :class:`subprocess.Popen` whose command runs in the errand-boy server.
+
+    ``args`` is a shell command (str or bytes) or a program and its
+    arguments (a sequence), as with subprocess (``shell`` chooses the same
+    way). The constructor connects, sends the request and returns once the
+    command has started; errors starting it raise here. See the module
+    documentation for every difference from :class:`subprocess.Popen`.
+
+    ``timeout`` (seconds) is an errand-boy extension: the server kills the
+    command's process group when it is exceeded. ``socket_path`` names the
+    server's socket (default: ``$ERRAND_BOY_SOCKET``, else ``/tmp/errand-boy``).
+    """
+
+    def __init__(
+        self,
+        args: _Args,
+        *,
+        stdin: Any = PIPE,
+        stdout: Any = PIPE,
+        stderr: Any = PIPE,
+        cwd: Any = None,
+        env: Optional[Mapping[Any, Any]] = None,
+        text: Optional[bool] = None,
+        universal_newlines: Optional[bool] = None,
+        encoding: Optional[str] = None,
+        errors: Optional[str] = None,
+        timeout: Optional[float] = None,
+        shell: Optional[bool] = None,
+        bufsize: int = -1,
+        socket_path: Optional[str] = None,
+        _input: Union[str, bytes, None] = None,
+    ) -> None:
+        self.args = args
+        self.stdin: Optional[IO[Any]] = None
+        self.stdout: Optional[IO[Any]] = None
+        self.stderr: Optional[IO[Any]] = None
+        self.text_mode = _text_mode(text, universal_newlines, encoding, errors)
+        self._communication_started = False
+        wire_stdin, source = _stdin_plan(stdin)
+        wire_stdout, out_sink = _output_plan(stdout, 1)
+        wire_stderr, err_sink = _output_plan(stderr, 2)
+        request = protocol.encode_request(
+            **_target(args, shell), cwd=cwd, env=env, timeout=timeout,
+            stdin=wire_stdin, stdout=wire_stdout, stderr=wire_stderr,
+        )  # fmt: skip
+        self._command = command = _Command({1: out_sink, 2: err_sink})
+        if stdin is PIPE:
+            self.stdin = _writer(command, bufsize, self.text_mode, encoding, errors)
+        if out_sink is None:
+            self.stdout = _reader(command, 1, bufsize, self.text_mode, encoding, errors)
+        if err_sink is None:
+            self.stderr = _reader(command, 2, bufsize, self.text_mode, encoding, errors)
+        if source is not None:
+            command.set_source(source)
+        elif _input is not None and self.stdin is not None:
+            request += self._take_early_input(_input)
+        command.start(resolve_socket_path(socket_path), request)
+        if command.input_ended and self.stdin is not None:
+            self.stdin.close()  # sends nothing more: the input went with the request
+
+    def _take_early_input(self, input: Union[str, bytes]) -> bytes:
+        """Input given at construction (run, run_cmd): frames to send with the
+        request when small, else a source sent while the reply is read."""
+        self._communication_started = True
+        data = self._encode_input(input)
+        if len(data) > EARLY_INPUT_LIMIT:
+            self._command.set_source(_BytesSource(data))
+            return b""
+        self._command.input_ended = True
+        frames = protocol.input_frame(data) if data else b""
+        return frames + protocol.end_of_input_frame()
+
+    # -- subprocess attributes ---------------------------------------------
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The command's process id, in the server's PID namespace."""
+        return self._command.pid
+
+    @property
+    def returncode(self) -> Optional[int]:
+        """None while the command runs; its exit status, or -N for signal N."""
+        return self._command.returncode
+
+    @returncode.setter
+    def returncode(self, value: Optional[int]) -> None:
+        self._command.returncode = value
+
+    @property
+    def reason(self) -> Optional[str]:
+        """Why the command ended: ``"exit"``, ``"signal"`` or ``"timeout"``."""
+        return self._command.reason
+
+    @property
+    def info(self) -> Dict[str, Any]:
+        """The server's whole ``X`` object (returncode, reason, figures)."""
+        return self._command.info
+
+    @property
+    def timed_out(self) -> bool:
+        """True when the server killed the command for its ``timeout``."""
+        return self._command.reason == "timeout"
+
+    @property
+    def universal_newlines(self) -> bool:
+        return self.text_mode
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: returncode: {self.returncode} args: {self.args!r}>"
+
+    # -- waiting -----------------------------------------------------------
+
+    def poll(self) -> Optional[int]:
+        """Take in what has arrived, without blocking; the returncode or None."""
+        command = self._command
+        if command.returncode is None:
+            if not command.finished:
+                command.pump(lambda: command.finished, time.monotonic())
+            command.raise_failure()
+        return command.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        """Wait for the command to end (buffering its unread pipe output)."""
+        command = self._command
+        if command.returncode is None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if not command.pump(lambda: command.finished, deadline):
+                raise _timeout_expired(self.args, timeout)
+        if command.returncode is None:
+            command.raise_failure()
+            raise ConnectionLost("the connection was given up")
+        return command.returncode
+
+    def communicate(
+        self, input: Union[str, bytes, None] = None, timeout: Optional[float] = None
+    ) -> Tuple[Any, Any]:
+        """Send ``input``, read all output, wait: as subprocess's communicate.
+
+        Returns ``(stdout, stderr)``, None for a stream that is not a PIPE.
+        After :class:`subprocess.TimeoutExpired` a new call continues where
+        the last one stopped (input position and output so far kept).
+        """
+        if self._communication_started and input:
+            raise ValueError("Cannot send input after starting communication")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            stdout, stderr = self._communicate_bytes(input, deadline, timeout)
+        finally:
+            self._communication_started = True
+        return self._decode(stdout, self.stdout), self._decode(stderr, self.stderr)
+
+    def _communicate_bytes(
+        self, input: Union[str, bytes, None], deadline: Optional[float], timeout: Optional[float]
+    ) -> Tuple[Optional[bytes], Optional[bytes]]:
+        command = self._command
+        if not self._communication_started:
+            self._start_input(input)
+        try:
+            done = command.pump(lambda: command.finished, deadline)
+        finally:
+            if (command.input_ended or command.finished) and self.stdin is not None and not self.stdin.closed:
+                self._close_stdin()
+        if not done:
+            raise _timeout_expired(self.args, timeout, self._output_so_far(1), self._output_so_far(2))
+        if command.returncode is None:
+            command.raise_failure()
+            raise ConnectionLost("the connection was given up")
+        return self._collect(1, self.stdout), self._collect(2, self.stderr)
+
+    def _start_input(self, input: Union[str, bytes, None]) -> None:
+        if self.stdin is None:
+            return  # as subprocess: input for a stdin that is not a PIPE is ignored
+        try:
+            self.stdin.flush()
+        except BrokenPipeError:
+            pass
+        if input:
+            self._command.set_source(_BytesSource(self._encode_input(input)))
+        else:
+            self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        assert self.stdin is not None
+        try:
+            self.stdin.close()
+        except BrokenPipeError:
+            pass
+
+    def _encode_input(self, input: Union[str, bytes]) -> bytes:
+        if isinstance(input, str):
+            if self.text_mode and self.stdin is not None:
+                wrapper = cast(io.TextIOWrapper, self.stdin)
+                return input.encode(wrapper.encoding, wrapper.errors or "strict")
+            return input.encode("utf-8")
+        return bytes(input)
+
+    def _output_so_far(self, fd: int) -> Optional[bytes]:
+        queue = self._command.queues[fd]
+        return b"".join(queue) if queue else None
+
+    def _collect(self, fd: int, stream: Optional[IO[Any]]) -> Optional[bytes]:
+        if stream is None:
+            return None
+        queue = self._command.queues[fd]
+        data = b"".join(queue)
+        queue.clear()
+        return data
+
+    def _decode(self, data: Optional[bytes], stream: Optional[IO[Any]]) -> Any:
+        """Text mode's output, decoded as subprocess does (universal newlines)."""
+        if data is None or not self.text_mode:
+            return data
+        wrapper = cast(io.TextIOWrapper, stream)
+        return _decode_text(data, wrapper.encoding, wrapper.errors or "strict")
+
+    # -- signals -------------------------------------------------------------
+
+    def send_signal(self, sig: int) -> None:
+        """Have the server send ``sig`` to the command's process group."""
+        if self.returncode is None:
+            self._command.send_signal(sig)
+
+    def terminate(self) -> None:
+        """SIGTERM to the command's process group."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL to the command's process group."""
+        self.send_signal(signal.SIGKILL)
+
+    # -- context manager -----------------------------------------------------
+
+    def __enter__(self) -> Popen:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self.stdout is not None:
+            self.stdout.close()
+        if self.stderr is not None:
+            self.stderr.close()
+        try:
+            if self.stdin is not None:
+                self._close_stdin()
+        finally:
+            self._exit_wait(exc_type)
+
+    def _exit_wait(self, exc_type: Any) -> None:
+        command = self._command
+        if command.finished:
+            return
+        if exc_type is KeyboardInterrupt:
+            # The command has its own session, so it did not see the SIGINT:
+            # pass it on, and give it a moment, as subprocess does.
+            try:
+                self.send_signal(signal.SIGINT)
+                self.wait(0.25)
+            except TimeoutExpired:
+                pass
+            return
+        self.wait()
