@@ -43,3 +43,24 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
         if time.monotonic() > deadline:
             return False
         time.sleep(interval)
+
+
+#: Servers the conftest fixtures start share the test process's group;
+#: commands get sessions of their own. That tells our servers from anyone else's.
+MY_PGID = os.getpgrp()
+
+
+def my_server_processes() -> List[int]:
+    """errand-boy masters and workers (by their process titles) of this run."""
+    found = []
+    for pid in all_pids():
+        try:
+            if pid == os.getpid() or os.getpgid(pid) != MY_PGID:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if not f.read().startswith(b"errand-boy"):
+                    continue
+        except (ProcessLookupError, FileNotFoundError):
+            continue
+        found.append(pid)
+    return found

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from procs import all_pids, fd_count, proc_stat, wait_for, zombie_children
+from procs import all_pids, fd_count, my_server_processes, proc_stat, wait_for, zombie_children
 from rawclient import ProtocolViolation, RawClient, Reply, extended, frame, run, simple
 
 from errand_boy.exceptions import Busy, ConnectionLost, Forbidden
@@ -94,26 +94,6 @@ def bytes_written(pid: int) -> int:
 
 # --------------------------------------------------------------------------
 # fixtures
-
-#: The conftest servers share this process's group (commands get sessions of
-#: their own): that tells the servers of this run from anyone else's.
-MY_PGID = os.getpgrp()
-
-
-def my_server_processes() -> List[int]:
-    found = []
-    for pid in all_pids():
-        try:
-            if pid == os.getpid() or os.getpgid(pid) != MY_PGID:
-                continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if not f.read().startswith(b"errand-boy"):
-                    continue
-        except (ProcessLookupError, FileNotFoundError):
-            continue
-        found.append(pid)
-    return found
-
 
 @pytest.fixture(autouse=True)
 def nothing_left_running() -> Iterator[List[int]]:

@@ -22,7 +22,7 @@ import time
 from typing import Dict, Iterator, List, Tuple
 
 import pytest
-from procs import all_pids, fd_count, proc_stat, wait_for, zombie_children
+from procs import all_pids, fd_count, my_server_processes, proc_stat, wait_for, zombie_children
 from rawclient import FrameSplitter, RawClient, Reply, extended, frame, run, simple
 
 pytestmark = pytest.mark.integration
@@ -72,27 +72,6 @@ def bytes_written(pid: int) -> int:
 
 # --------------------------------------------------------------------------
 # fixtures and small clients
-
-#: Servers the conftest fixtures start share this process's group; commands
-#: get sessions of their own. That tells our servers from anyone else's.
-MY_PGID = os.getpgrp()
-
-
-def my_server_processes() -> List[int]:
-    """errand-boy masters and workers (by their process titles) of this run."""
-    found = []
-    for pid in all_pids():
-        try:
-            if pid == os.getpid() or os.getpgid(pid) != MY_PGID:
-                continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if not f.read().startswith(b"errand-boy"):
-                    continue
-        except (ProcessLookupError, FileNotFoundError):
-            continue
-        found.append(pid)
-    return found
-
 
 @pytest.fixture(autouse=True)
 def no_leftover_servers() -> Iterator[None]:
