@@ -24,3 +24,11 @@ def group_id(name: str) -> int:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         raise ValueError(f"no such group: {name!r}") from None
+
+
+def describe_uid(uid: int) -> str:
+    """``uid 65534 (nobody)``; the bare number when the name is unknown."""
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"

@@ -117,7 +117,7 @@ class Master:
                 self.listener, self.identity = bind_unix_socket(config.socket_path, config.socket_mode)
             try:
                 if config.socket_group is not None and activated is None:
-                    os.chown(config.socket_path, -1, group_id(config.socket_group))
+                    os.chown(config.socket_path, -1, group_id(config.socket_group), follow_symlinks=False)
                 return self._serve()
             finally:
                 if self.identity is not None:

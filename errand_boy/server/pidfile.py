@@ -36,9 +36,11 @@ import fcntl
 import logging
 import os
 import stat
+import struct
 from types import TracebackType
 from typing import Dict, List, Optional, Tuple, Type
 
+from .._ids import describe_uid
 from .listener import AlreadyRunning
 
 __all__ = ["PidFile", "read_pid"]
@@ -49,6 +51,9 @@ log = logging.getLogger("errand_boy.server")
 _ATTEMPTS = 50
 #: A pidfile bigger than this is garbage.
 _MAX_READ = 64
+
+#: struct flock (F_GETLK): l_type, l_whence, l_start, l_len, l_pid.
+_FLOCK = struct.Struct("hhqqi4x")
 
 _Identity = Tuple[int, int]  # (st_dev, st_ino)
 
@@ -87,6 +92,22 @@ def _close_unless_held(fd: int, identity: _Identity) -> None:
         holder._spare_fds.append(fd)
 
 
+def _lock_holder(fd: int) -> Optional[Tuple[int, int]]:
+    """(pid, uid) of a process whose record lock stops ours on ``fd``, if known."""
+    query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, query))[4]
+        if pid <= 0:
+            return None
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return pid, int(line.split()[2])  # the effective uid
+    except (OSError, ValueError, IndexError, struct.error):
+        pass
+    return None
+
+
 def read_pid(path: str) -> Optional[int]:
     """The pid written in the pidfile at ``path``, or None (missing, garbage).
 
@@ -122,8 +143,10 @@ class PidFile:
     (idempotent) gives it back and removes the file. As a context manager it
     acquires on entry and releases on exit.
 
-    The file is created with mode 0644 (less the umask). A symbolic link or
-    a non-regular file at the path is refused, not followed or replaced.
+    The file is created with mode 0644 (less the umask). A symbolic link, a
+    non-regular file, or a file that another user owns at the path is
+    refused, not followed, replaced or taken over: in a shared directory,
+    its owner could rewrite it or hold it locked.
     """
 
     def __init__(self, path: str) -> None:
@@ -211,13 +234,25 @@ class PidFile:
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise AlreadyRunning(
-                    f"pidfile {self.path} is a symbolic link; refusing to follow it"
+                    f"pidfile {self.path} is a symbolic link{self._owned_by()}; refusing to follow it: "
+                    "remove it, or choose another --pidfile"
+                ) from exc
+            if exc.errno in (errno.EACCES, errno.EPERM) and self._owned_by():
+                raise AlreadyRunning(
+                    f"cannot open pidfile {self.path}{self._owned_by()}: {exc.strerror}; "
+                    "remove it, or choose another --pidfile"
                 ) from exc
             raise
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise AlreadyRunning(f"pidfile {self.path} exists and is not a regular file; refusing to use it")
+        if st.st_uid != os.geteuid():
+            _close_unless_held(fd, _identity(st))
+            raise AlreadyRunning(
+                f"pidfile {self.path} belongs to {describe_uid(st.st_uid)}, not to this server's user "
+                f"({describe_uid(os.geteuid())}); refusing to use it: remove it, or choose another --pidfile"
+            )
         if _holder(_identity(st)) is not None:
             # Our own record lock would not conflict with this one: the
             # table says it is ours. Closing fd would drop the lock.
@@ -235,8 +270,21 @@ class PidFile:
                 raise
             if not self._path_names(mine):
                 return False  # the holder is removing it on its way out
+            holder = _lock_holder(fd)
+            if holder is not None and holder[1] != os.geteuid():
+                raise AlreadyRunning(
+                    f"pidfile {self.path} is held locked by pid {holder[0]} of {describe_uid(holder[1])}, "
+                    "another user: stop that process, or choose another --pidfile"
+                ) from exc
             raise AlreadyRunning(self._busy_message(_parse_pid(os.pread(fd, _MAX_READ, 0)))) from exc
         return self._path_names(mine)
+
+    def _owned_by(self) -> str:
+        """`` (owned by uid N (name))`` for what is at the path, or ""."""
+        try:
+            return f" (owned by {describe_uid(os.lstat(self.path).st_uid)})"
+        except OSError:
+            return ""
 
     def _path_names(self, identity: _Identity) -> bool:
         try:

@@ -1,0 +1,286 @@
+"""The server against a hostile neighbour and a hostile load (issue 8).
+
+- the socket path held by a symbolic link, a file, or another user's socket;
+- a pidfile pre-created or held locked by another user;
+- the descriptor limit reached (EMFILE) under a flood of idle connections;
+- a flood of connections each sending a large, unterminated command block.
+
+"Another user" is uid 65534 (nobody), reached through ``setpriv``: those
+tests need root and skip, saying so, without it. The load tests print the
+descriptor counts, zombie count and PSS of the server's processes before
+and after (run with ``-s`` to see them).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import pytest
+from procs import fd_count, zombie_children
+
+import errand_boy
+from errand_boy.server.listener import AlreadyRunning, bind_unix_socket
+from errand_boy.server.pidfile import PidFile
+
+NOBODY = 65534
+PACKAGE_ROOT = str(Path(errand_boy.__file__).resolve().parent.parent)
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="acting as another user (uid 65534, through setpriv) needs root"
+)
+
+
+# ----------------------------------------------------------------------
+# helpers
+
+
+class Nobody:
+    """A ``python -c`` child running as uid/gid 65534; prints READY, waits for EOF on stdin."""
+
+    def __init__(self, code: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "setpriv",
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                code,
+                *args,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": PACKAGE_ROOT},
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line != b"READY\n":
+            self.stop()
+            raise AssertionError(f"the uid {NOBODY} child failed: {line!r}")
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+        self.proc.stdout.close()
+
+
+LISTEN = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1]); s.listen(8)
+print("READY", flush=True)
+sys.stdin.read()
+"""
+
+LOCK_SHARED = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+print("READY", flush=True)
+sys.stdin.read()
+"""
+
+LOCK_EXCLUSIVE = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("READY", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[str]:
+    """A sticky, world-writable directory, as /tmp is (short: socket paths)."""
+    path = tempfile.mkdtemp(prefix="eb-adv-")
+    os.chmod(path, 0o1777)
+    try:
+        yield path
+    finally:
+        for name in os.listdir(path):
+            os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+
+
+def start_refused(path: str) -> str:
+    """Start a server on ``path``; it must refuse at once. Its stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "errand_boy.run", "--socket", path, "--pool-size", "1"],
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 1, result
+    return result.stderr.decode()
+
+
+def pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    raise AssertionError("no Pss line")
+
+
+def server_pids(server) -> List[int]:
+    """The master and its workers."""
+    master = server.pid
+    kids = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return [master, *map(int, kids)]
+
+
+def snapshot(label: str, pids: List[int]) -> Dict[str, int]:
+    """Descriptors, zombies and PSS of ``pids``, printed for the report."""
+    figures = {
+        "fds": sum(fd_count(pid) for pid in pids),
+        "zombies": len(zombie_children(pids)),
+        "pss_kib": sum(pss_kib(pid) for pid in pids),
+    }
+    print(f"\n[{label}] processes {len(pids)}: {figures}")
+    return figures
+
+
+# ----------------------------------------------------------------------
+# A. the socket path
+
+
+def test_symlink_at_socket_path_is_refused_and_left_alone(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "s")
+    target = os.path.join(sock_dir, "target")
+    os.symlink(target, path)
+    with pytest.raises(AlreadyRunning) as info:
+        bind_unix_socket(path)
+    message = str(info.value)
+    assert "symbolic link" in message and "uid 0 (root)" in message and "--socket" in message
+    assert os.readlink(path) == target
+    assert not os.path.lexists(target), "the link was followed"
+
+
+def test_symlink_to_a_live_socket_is_not_probed_through(sock_dir: str) -> None:
+    live = os.path.join(sock_dir, "live")
+    listener, _ = bind_unix_socket(live)
+    try:
+        path = os.path.join(sock_dir, "s")
+        os.symlink(live, path)
+        with pytest.raises(AlreadyRunning, match="symbolic link"):
+            bind_unix_socket(path)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected through the link
+    finally:
+        listener.close()
+
+
+@needs_root
+def test_non_socket_file_names_its_owner(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "s")
+    Path(path).write_text("precious")
+    os.chown(path, NOBODY, NOBODY)
+    message = start_refused(path)
+    assert message.count("\n") == 1, message
+    assert "is a regular file owned by uid 65534 (nobody), not a socket" in message
+    assert Path(path).read_text() == "precious"
+
+
+@needs_root
+def test_another_users_live_socket_is_refused_naming_the_owner(shared_dir: str) -> None:
+    path = os.path.join(shared_dir, "s")
+    impostor = Nobody(LISTEN, path)
+    try:
+        message = start_refused(path)
+        assert message.count("\n") == 1, message
+        assert f"held by a server of uid 65534 (nobody) (pid {impostor.proc.pid}), another user" in message
+        assert "another --socket" in message
+        assert os.lstat(path).st_uid == NOBODY
+    finally:
+        impostor.stop()
+
+
+@needs_root
+def test_another_users_stale_socket_is_not_replaced(shared_dir: str) -> None:
+    path = os.path.join(shared_dir, "s")
+    Nobody(LISTEN, path).stop()  # its socket file stays, with nobody listening
+    identity = os.lstat(path).st_ino
+    with pytest.raises(AlreadyRunning, match=r"stale socket of uid 65534 \(nobody\), another user"):
+        bind_unix_socket(path)
+    assert os.lstat(path).st_ino == identity and os.lstat(path).st_uid == NOBODY
+
+
+def test_our_own_stale_socket_is_still_replaced(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "s")
+    old, _ = bind_unix_socket(path)
+    old.close()  # stale: the file stays
+    new, identity = bind_unix_socket(path, 0o660)
+    try:
+        st = os.lstat(path)
+        assert (st.st_dev, st.st_ino) == identity and oct(st.st_mode & 0o777) == oct(0o660)
+    finally:
+        new.close()
+
+
+def test_our_own_live_socket_is_refused(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "s")
+    live, _ = bind_unix_socket(path)
+    try:
+        with pytest.raises(
+            AlreadyRunning, match=rf"another server \(pid {os.getpid()}\) is already listening"
+        ):
+            bind_unix_socket(path)
+    finally:
+        live.close()
+
+
+# ----------------------------------------------------------------------
+# D. the pidfile
+
+
+@needs_root
+def test_pidfile_of_another_user_is_refused_not_taken_over(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "pid")
+    Path(path).write_text("1\n")
+    os.chown(path, NOBODY, NOBODY)
+    with pytest.raises(AlreadyRunning) as info:
+        PidFile(path).acquire()
+    assert "belongs to uid 65534 (nobody), not to this server's user (uid 0 (root))" in str(info.value)
+    assert Path(path).read_text() == "1\n" and os.lstat(path).st_uid == NOBODY
+
+
+@needs_root
+def test_pidfile_held_locked_by_another_user_names_the_owner(shared_dir: str) -> None:
+    path = os.path.join(shared_dir, "pid")
+    Path(path).write_text("1\n")
+    os.chown(path, NOBODY, NOBODY)
+    holder = Nobody(LOCK_EXCLUSIVE, path)
+    try:
+        with pytest.raises(AlreadyRunning) as info:
+            PidFile(path).acquire()
+        assert "uid 65534 (nobody)" in str(info.value) and "pid 1" not in str(info.value)
+    finally:
+        holder.stop()
+
+
+@needs_root
+def test_our_pidfile_read_locked_by_another_user_names_the_holder(shared_dir: str) -> None:
+    path = os.path.join(shared_dir, "pid")
+    Path(path).write_text("1\n")
+    os.chmod(path, 0o644)
+    holder = Nobody(LOCK_SHARED, path)
+    try:
+        with pytest.raises(AlreadyRunning) as info:
+            PidFile(path).acquire()
+        assert f"held locked by pid {holder.proc.pid} of uid 65534 (nobody), another user" in str(info.value)
+    finally:
+        holder.stop()
+
+
+def test_pidfile_symlink_names_its_owner(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "pid")
+    os.symlink(os.path.join(sock_dir, "elsewhere"), path)
+    with pytest.raises(AlreadyRunning, match=r"symbolic link \(owned by uid \d+"):
+        PidFile(path).acquire()
+    assert not os.path.lexists(os.path.join(sock_dir, "elsewhere"))
