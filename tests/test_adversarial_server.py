@@ -14,14 +14,18 @@ and after (run with ``-s`` to see them).
 from __future__ import annotations
 
 import os
+import resource
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
-from procs import fd_count, zombie_children
+from procs import fd_count, wait_for, zombie_children
+from rawclient import RawClient, simple
 
 import errand_boy
 from errand_boy.server.listener import AlreadyRunning, bind_unix_socket
@@ -284,3 +288,71 @@ def test_pidfile_symlink_names_its_owner(sock_dir: str) -> None:
     with pytest.raises(AlreadyRunning, match=r"symbolic link \(owned by uid \d+"):
         PidFile(path).acquire()
     assert not os.path.lexists(os.path.join(sock_dir, "elsewhere"))
+
+
+# ----------------------------------------------------------------------
+# B. out of descriptors (EMFILE)
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_emfile_backs_off_refuses_with_busy_and_recovers(start_server) -> None:
+
+    server = start_server("--pool-size", "1", "--request-timeout", "60")
+    master, worker = server_pids(server)
+    before = snapshot("emfile before", [master, worker])
+    # Room for a few connections only (the master raised its soft limit
+    # to the hard one at start: set both, on the running worker).
+    limit = fd_count(worker) + 16
+    resource.prlimit(worker, resource.RLIMIT_NOFILE, (limit, limit))
+    idle: List[socket.socket] = []
+    try:
+        for _ in range(80):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(server.socket_path)
+            idle.append(s)
+        assert wait_for(lambda: fd_count(worker) >= limit - 1, 10), "the worker did not fill its descriptors"
+        time.sleep(0.5)  # the backoff grows
+        cpu0 = cpu_seconds(worker)
+        time.sleep(2.0)
+        cpu = cpu_seconds(worker) - cpu0
+        during = snapshot("emfile at the limit", [master, worker])
+        print(f"[emfile] worker CPU over 2 s at the limit: {cpu:.3f} s")
+        assert cpu < 0.3, f"the worker spins on accept(): {cpu:.2f} s of CPU in 2 s"
+        # Clients waiting in the backlog are answered, not left hanging.
+        refused = []
+        for s in idle:
+            s.setblocking(False)
+            try:
+                data = s.recv(4096)
+            except BlockingIOError:
+                continue
+            refused.append(data)
+        assert refused, "no client in the backlog was answered"
+        for data in refused:
+            assert data.startswith(b"! ") and b'"error":"busy"' in data.replace(b" ", b""), data
+        accept_lines = [line for line in server.log().splitlines() if "accept failed" in line]
+        print(
+            f"[emfile] {len(accept_lines)} log lines about accept, {len(refused)} clients refused with busy"
+        )
+        assert 1 <= len(accept_lines) <= 5, accept_lines
+    finally:
+        # Descriptors free up: a client is served within 1 s.
+        started = time.monotonic()
+        for s in idle:
+            s.close()
+    # (The worker first accepts and closes what the backlog still holds.)
+    assert wait_for(lambda: fd_count(worker) <= before["fds"] - fd_count(master), 5)
+    with RawClient(server.socket_path, timeout=5) as client:
+        client.send(simple(b"echo served"))
+        reply = client.read_reply()
+    elapsed = time.monotonic() - started
+    print(f"[emfile] a client served {elapsed:.3f} s after descriptors were freed")
+    assert reply.stdout == b"served\n" and reply.exit["returncode"] == 0, (reply, server.log()[-3000:])
+    assert elapsed < 1.0
+    after = snapshot("emfile after", [master, worker])
+    assert after["zombies"] == 0 and after["fds"] == before["fds"], (before, during, after)
