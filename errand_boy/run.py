@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace a worker after N commands (default 0: never)")
     server.add_argument("--max-request-bytes", type=_request_bytes, default=DEFAULT_MAX_REQUEST_BYTES,
                         metavar="N", help="largest command block accepted (default: 1 MiB; at least 64 KiB)")
+    server.add_argument("--max-buffered-bytes", type=_positive_int, default=64 << 20, metavar="N",
+                        help="bytes of incomplete command blocks held across the server; beyond it, "
+                             "the clients still sending are not read (default: 64 MiB; 0: no cap)")
     server.add_argument("--max-concurrent", type=_at_least_one, default=256, metavar="N",
                         help="commands running at once across the server; more wait (default 256)")
     server.add_argument("--queue-timeout", type=_seconds, default=30.0, metavar="SECONDS",
@@ -180,6 +183,7 @@ def run_server(transport: Any, args: argparse.Namespace) -> int:
                 max_accepts=args.max_accepts,
                 max_child_tasks=args.max_child_tasks,
                 max_request_bytes=args.max_request_bytes,
+                max_buffered_bytes=args.max_buffered_bytes,
                 max_concurrent=args.max_concurrent,
                 queue_timeout=args.queue_timeout,
                 request_timeout=args.request_timeout,

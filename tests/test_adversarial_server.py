@@ -356,3 +356,121 @@ def test_emfile_backs_off_refuses_with_busy_and_recovers(start_server) -> None:
     assert elapsed < 1.0
     after = snapshot("emfile after", [master, worker])
     assert after["zombies"] == 0 and after["fds"] == before["fds"], (before, during, after)
+
+
+# ----------------------------------------------------------------------
+# C. the cap on bytes of incomplete requests
+
+FLOOD_CONNECTIONS = 300
+FLOOD_BYTES = 512 << 10  # each: a command block that never ends
+CAP = 4 << 20
+
+
+def flood(path: str, connections: int, nbytes: int, patience: float = 1.5) -> List[socket.socket]:
+    """Connections that each send up to ``nbytes`` of an unterminated command
+    block, as much as the server takes (until it takes nothing for ``patience`` s)."""
+    socks = []
+    for _ in range(connections):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(path)
+        s.setblocking(False)
+        socks.append(s)
+    chunk = b"x" * (64 << 10)
+    left = dict.fromkeys(socks, nbytes)
+    last_progress = time.monotonic()
+    while left and time.monotonic() - last_progress < patience:
+        progress = False
+        for s in list(left):
+            try:
+                sent = s.send(chunk[: left[s]])
+            except BlockingIOError:
+                continue
+            progress = True
+            left[s] -= sent
+            if not left[s]:
+                del left[s]
+        if progress:
+            last_progress = time.monotonic()
+        else:
+            time.sleep(0.02)
+    return socks
+
+
+def test_buffered_request_bytes_are_capped_and_normal_clients_served(start_server) -> None:
+    server = start_server("--pool-size", "2", "--max-buffered-bytes", str(CAP), "--request-timeout", "60")
+    pids = server_pids(server)
+    before = snapshot("request-bytes cap before", pids)
+    socks = flood(server.socket_path, FLOOD_CONNECTIONS, FLOOD_BYTES)
+    try:
+        during = snapshot("request-bytes cap, flooded", pids)
+        grown = (during["pss_kib"] - before["pss_kib"]) << 10
+        print(f"[request-bytes cap] PSS grew by {grown >> 20} MiB with a cap of {CAP >> 20} MiB")
+        assert during["pss_kib"] << 10 < CAP + (64 << 20)
+        assert grown < CAP + (16 << 20)
+        # Meanwhile, a client whose request fits in a small read is served.
+        started = time.monotonic()
+        with RawClient(server.socket_path, timeout=10) as client:
+            client.send(simple(b"echo meanwhile"))
+            reply = client.read_reply()
+        assert reply.stdout == b"meanwhile\n", reply
+        print(f"[request-bytes cap] a client served in {time.monotonic() - started:.3f} s during the flood")
+    finally:
+        for s in socks:
+            s.close()
+    with RawClient(server.socket_path, timeout=10) as client:
+        client.send(simple(b"echo after"))
+        assert client.read_reply().stdout == b"after\n"
+    assert wait_for(lambda: snapshot("request-bytes cap after", pids)["fds"] == before["fds"], 10, 0.5)
+    assert snapshot("request-bytes cap after", pids)["zombies"] == 0
+
+
+def test_request_paused_by_the_cap_meets_its_request_timeout_with_busy(start_server) -> None:
+    server = start_server(
+        "--pool-size",
+        "1",
+        "--max-buffered-bytes",
+        "1",
+        "--max-request-bytes",
+        "65536",
+        "--request-timeout",
+        "1",
+    )
+    # The worker's share is one largest request and 64 KiB: three such floods fill it.
+    socks = flood(server.socket_path, 6, 60 << 10, patience=0.5)
+    try:
+        errors = []
+        for s in socks:
+            s.setblocking(True)
+            s.settimeout(10)
+            data = s.recv(4096)
+            errors.append(data.split(b"\r\n", 1)[1])
+        busy = [e for e in errors if b'"busy"' in e]
+        assert busy and all(b"--max-buffered-bytes" in e for e in busy), errors
+        assert len(busy) < len(socks), "every connection was paused: the cap let nothing in"
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_request_paused_by_the_cap_resumes_when_bytes_are_freed(start_server) -> None:
+    # The worker's share: one largest request (64 KiB) and 64 KiB.
+    server = start_server(
+        "--pool-size",
+        "1",
+        "--max-buffered-bytes",
+        "1",
+        "--max-request-bytes",
+        "65536",
+        "--request-timeout",
+        "20",
+    )
+    (holder,) = flood(server.socket_path, 1, 100 << 10, patience=0.5)
+    time.sleep(0.3)  # (read first)
+    with RawClient(server.socket_path, timeout=10) as paused:
+        paused.send(simple(b"echo resumed #" + b"x" * (60 << 10)))
+        paused.sock.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            paused.recv_some()  # over the cap: not read, not answered
+        paused.sock.settimeout(10)
+        holder.close()  # its bytes are freed: the paused request is read on
+        assert paused.read_reply().stdout == b"resumed\n"

@@ -11,6 +11,7 @@ from typing import Iterable, Optional, Tuple
 
 from ..defaults import resolve_socket_path
 from ..protocol import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_REQUEST_BYTES
+from .budget import DEFAULT_MAX_BUFFERED_BYTES, worker_share
 from .listener import AlreadyRunning
 from .logs import configure_logging
 from .master import ServerConfig, run_master
@@ -75,6 +76,7 @@ def serve(
     max_child_tasks: int = 0,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
     request_timeout: float = 10.0,
     max_concurrent: int = 256,
     queue_timeout: float = 30.0,
@@ -96,14 +98,20 @@ def serve(
     server listens there (or holds the pidfile), :class:`ValueError` for
     bad options. ``timeout`` is the default for commands that set none.
     It installs signal handlers, so it must run in the main thread.
+    ``max_buffered_bytes`` caps the bytes of incomplete command blocks held
+    across the server (0: no cap); each worker gets an equal share, and
+    at least ``max_request_bytes`` + 64 KiB.
     """
+    if max_buffered_bytes < 0:
+        raise ValueError("max_buffered_bytes must be 0 (no cap) or more")
     if max_request_bytes < 65536:
         raise ValueError("max_request_bytes must be at least 65536 (the protocol's minimum)")
     if log_level is not None or log_format != "text":
         configure_logging(log_level or "INFO", log_format)
+    pool_size = pool_size or default_pool_size()
     config = ServerConfig(
         socket_path=resolve_socket_path(socket_path),
-        pool_size=pool_size or default_pool_size(),
+        pool_size=pool_size,
         socket_mode=socket_mode,
         socket_group=socket_group,
         pidfile=pidfile,
@@ -111,6 +119,7 @@ def serve(
             max_request_bytes=max_request_bytes,
             max_frame_bytes=max_frame_bytes,
             max_child_tasks=max_child_tasks,
+            max_buffered_bytes=worker_share(max_buffered_bytes, pool_size, max_request_bytes),
             max_accepts=max_accepts,
             request_timeout=request_timeout,
             max_concurrent=max_concurrent,

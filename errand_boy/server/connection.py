@@ -75,6 +75,7 @@ class Connection(Flushable):
         self.out_bytes = 0
         self.sock_mask = IN | RDHUP
         self.reading = True  # the socket is read (not paused, not at EOF)
+        self.paused = False  # by the worker's budget for incomplete requests
         self.pipes_paused = False
         self.splice_fd = -1  # the pipe a frame is being spliced from
         self.splice_left = 0  # bytes of that frame still to splice
@@ -113,7 +114,7 @@ class Connection(Flushable):
 
     def read_client(self) -> None:
         try:
-            data = self.sock.recv(RECV_SIZE)
+            data = self.sock.recv(self.worker.budget.read_size(self, RECV_SIZE))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -133,6 +134,9 @@ class Connection(Flushable):
             self.set_socket_mask()
         self.parser.receive_data(data)
         self.process_events()
+        # (A refused request's bytes stay in its parser until the connection closes.)
+        held = self.state in ("request", "draining-pending", "draining")
+        self.worker.budget.update(self, self.parser.buffered if held else 0)
 
     def process_events(self) -> None:
         """Act on what the parser has, while a request or command is live."""
@@ -162,7 +166,7 @@ class Connection(Flushable):
     def set_socket_mask(self) -> None:
         mask = 0
         # A queued request's input stays in the socket until it starts.
-        if self.reading and self.state != "queued" and len(self.stdin_queue) < HIGH_WATER:
+        if self.reading and not self.paused and self.state != "queued" and len(self.stdin_queue) < HIGH_WATER:
             mask |= IN | RDHUP
         if self.out or self.splice_left:
             mask |= OUT
@@ -171,6 +175,11 @@ class Connection(Flushable):
             # An empty mask still reports HUP: a vanished client is noticed
             # even while we are not reading.
             self.loop.modify(self.fd, mask)
+
+    def set_paused(self, paused: bool) -> None:
+        """Stop (or resume) reading: the worker's request budget is spent."""
+        self.paused = paused
+        self.set_socket_mask()
 
     # ------------------------------------------------------------------
     # starting the command
@@ -417,7 +426,14 @@ class Connection(Flushable):
             self.close()
 
     def on_request_timeout(self) -> None:
-        if self.state == "request":
+        if self.state == "request" and self.paused:
+            self.fail(
+                "busy",
+                "the server holds as many bytes of incomplete requests as it may "
+                f"(--max-buffered-bytes), and this one did not complete within "
+                f"{self.worker.config.request_timeout:g} s",
+            )
+        elif self.state == "request":
             self.fail(
                 "bad-request",
                 f"no complete request arrived within {self.worker.config.request_timeout:g} s",

@@ -29,6 +29,7 @@ from setproctitle import setproctitle
 
 from .. import __version__, protocol
 from . import scoreboard as sb
+from .budget import RequestBudget
 from .connection import Connection
 from .logs import command_text, flush_summaries
 from .loop import IN, Loop
@@ -62,6 +63,8 @@ class WorkerConfig:
     max_request_bytes: int
     max_frame_bytes: int
     max_child_tasks: int = 0
+    #: This worker's share of --max-buffered-bytes (0: no cap).
+    max_buffered_bytes: int = 0
     max_accepts: int = 0
     request_timeout: float = 10.0
     max_concurrent: int = 256
@@ -116,6 +119,7 @@ class Worker:
         self.spare_fd = -1
         self.accept_backoff = 0.0
         self.accept_timer: Optional[Any] = None
+        self.budget = RequestBudget(config.max_buffered_bytes)
 
     # ------------------------------------------------------------------
     # set-up
@@ -305,6 +309,7 @@ class Worker:
 
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        self.budget.update(conn, 0)
         if self.accept_timer is not None:  # a descriptor is free again
             self.resume_accepting()
 
