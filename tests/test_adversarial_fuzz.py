@@ -172,6 +172,18 @@ def server_snapshot(label: str, pids: List[int]) -> Dict[str, int]:
     return figures
 
 
+def settle(pids: List[int]) -> None:
+    """Wait until the last command is reaped and cleaned up after (its X
+    frame leaves before that)."""
+    counts: List[int] = []
+
+    def still() -> bool:
+        counts.append(sum(fd_count(pid) for pid in pids))
+        return not zombie_children(pids) and len(counts) > 2 and counts[-1] == counts[-2] == counts[-3]
+
+    assert wait_for(still, 10, 0.1)
+
+
 def sanity(path: str) -> None:
     with RawClient(path, timeout=15) as client:
         client.send(simple(b"echo still serving"))
@@ -205,6 +217,7 @@ def test_fuzz_of_malformed_requests(start_server: Callable, scratch_cwd: Dict[st
     workers = [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
     pids = [master, *workers]
     sanity(server.socket_path)
+    settle(pids)
     before = server_snapshot("fuzz before", pids)
 
     outcomes: Dict[str, int] = {}
@@ -232,6 +245,7 @@ def test_fuzz_of_malformed_requests(start_server: Callable, scratch_cwd: Dict[st
         before,
         server_snapshot("fuzz, descriptors not back", pids),
     )
+    settle(pids)
     after = server_snapshot("fuzz after", pids)
     assert after["fds"] == before["fds"] and after["zombies"] == 0, (before, after)
     assert [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()] == workers
