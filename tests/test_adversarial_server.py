@@ -317,6 +317,7 @@ def test_emfile_backs_off_refuses_with_busy_and_recovers(start_server) -> None:
 
     server = start_server("--pool-size", "1", "--request-timeout", "60")
     master, worker = server_pids(server)
+    settle([master, worker])  # (the start-up probe's connection closes)
     before = snapshot("emfile before", [master, worker])
     # Room for a few connections only (the master raised its soft limit
     # to the hard one at start: set both, on the running worker).
@@ -413,6 +414,7 @@ def flood(path: str, connections: int, nbytes: int, patience: float = 1.5) -> Li
 def test_buffered_request_bytes_are_capped_and_normal_clients_served(start_server) -> None:
     server = start_server("--pool-size", "2", "--max-buffered-bytes", str(CAP), "--request-timeout", "60")
     pids = server_pids(server)
+    settle(pids)  # (the start-up probe's connection closes)
     before = snapshot("request-bytes cap before", pids)
     socks = flood(server.socket_path, FLOOD_CONNECTIONS, FLOOD_BYTES)
     try:
