@@ -27,8 +27,9 @@ from typing import Any, Deque, Dict, FrozenSet, Optional, Set, Tuple
 
 from setproctitle import setproctitle
 
-from .. import __version__, protocol
+from .. import __version__
 from . import scoreboard as sb
+from .accept_guard import AcceptGuard
 from .budget import RequestBudget
 from .connection import Connection
 from .logs import command_text, flush_summaries
@@ -50,12 +51,6 @@ WORKER_SIGNALS = frozenset(
 #: only seen by looking.
 QUEUE_POLL = 0.005
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-#: Out of descriptors, accept() pauses for this long, doubling up to the
-#: maximum (and resumes at once when a connection closes and frees one).
-ACCEPT_BACKOFF_FIRST = 0.01
-ACCEPT_BACKOFF_MAX = 0.5
-#: accept() errors that no retry can cure soon: back off rather than spin.
-_ACCEPT_STARVED = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
 @dataclass(frozen=True)
@@ -114,11 +109,7 @@ class Worker:
         self.uid = os.getuid()
         self.waiting: Deque[Tuple[int, Connection]] = deque()  # (since, conn), oldest first
         self.queue_timer: Optional[Any] = None
-        # Out of descriptors: a spare one to accept (and refuse) with, and
-        # the listener paused with a growing backoff.
-        self.spare_fd = -1
-        self.accept_backoff = 0.0
-        self.accept_timer: Optional[Any] = None
+        self.accept_guard = AcceptGuard(self)  # accept() out of descriptors
         self.budget = RequestBudget(config.max_buffered_bytes)
 
     # ------------------------------------------------------------------
@@ -145,7 +136,7 @@ class Worker:
         listener = self.listener
         assert listener is not None
         self.loop.register(listener.fileno(), IN | select.EPOLLEXCLUSIVE, self.on_accept)
-        self.spare_fd = _open_spare()
+        self.accept_guard.start()
         log.debug("worker %d ready", self.index)
         try:
             next_flush = 0.0
@@ -195,9 +186,9 @@ class Worker:
             except OSError as exc:
                 if exc.errno == errno.ECONNABORTED:
                     continue
-                self.accept_failed(listener, exc)
+                self.accept_guard.failed(listener, exc)  # backs off
                 return
-            self.accept_backoff = 0.0
+            self.accept_guard.accepted()
             self.board.add(self.index, sb.ACCEPTED)
             number = self.board.take_accept(config.max_accepts) if config.max_accepts else -1
             if number == 0:  # another worker took the last one
@@ -211,72 +202,6 @@ class Worker:
             if config.max_child_tasks and self.commands >= config.max_child_tasks:
                 self.tell_master(b"R")
                 self.stop_accepting()
-
-    def accept_failed(self, listener: socket.socket, exc: OSError) -> None:
-        """accept() failed: refuse one waiting client, pause accepting.
-
-        Out of descriptors (EMFILE), the listener stays readable, and
-        retrying at once would spin. The spare descriptor makes room to
-        accept the oldest waiting client and answer it (`busy`), so clients
-        are not left hanging in the backlog; then accept() pauses, for a
-        growing interval or until one of our connections closes.
-        """
-        refused = self.refuse_one(listener) if exc.errno in (errno.EMFILE, errno.ENFILE) else False
-        self.accept_backoff = min(ACCEPT_BACKOFF_MAX, self.accept_backoff * 2 or ACCEPT_BACKOFF_FIRST)
-        log.error(
-            "accept failed: %s; %s, accepting again in %g s or when a connection closes",
-            exc.strerror or exc, "refused a client with busy" if refused else "refused nobody",
-            self.accept_backoff,
-            extra={"fields": {"errno": exc.errno, "flood_key": ("accept", exc.errno)}},
-        )
-        if self.accept_timer is None:
-            self.loop.unregister(listener.fileno())
-            self.accept_timer = self.loop.call_later(self.accept_backoff, self.resume_accepting)
-
-    def refuse_one(self, listener: socket.socket) -> bool:
-        """Accept one client on the spare descriptor, answer it and close."""
-        if self.spare_fd < 0:
-            self.spare_fd = _open_spare()
-            return False
-        os.close(self.spare_fd)
-        self.spare_fd = -1
-        try:
-            sock, _ = listener.accept()
-        except OSError:
-            self.spare_fd = _open_spare()
-            return False
-        try:
-            self.board.add(self.index, sb.ACCEPTED)
-            self.board.add(self.index, sb.BUSY)
-            try:
-                sock.setblocking(False)
-                _, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
-                if self.allowed(sock, uid, gid):
-                    reply = protocol.error_frame(
-                        "busy", "the server has run out of file descriptors; try again later"
-                    )
-                else:
-                    reply = protocol.error_frame(
-                        "forbidden", f"user {uid} is not allowed to run commands on this server"
-                    )
-                sock.send(reply)  # (small: fits the empty socket buffer)
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-        finally:
-            sock.close()
-            self.spare_fd = _open_spare()  # (the descriptor sock just gave back)
-        return True
-
-    def resume_accepting(self) -> None:
-        """Watch the listener again after accept_failed() paused it."""
-        timer, self.accept_timer = self.accept_timer, None
-        if timer is None:
-            return
-        timer.cancel()
-        listener = self.listener
-        if listener is not None and not self.loop.registered(listener.fileno()):
-            self.loop.register(listener.fileno(), IN | select.EPOLLEXCLUSIVE, self.on_accept)
 
     def welcome(self, sock: socket.socket, refuse: Optional[str] = None) -> Connection:
         """Take a new connection; ``refuse`` answers it with shutting-down."""
@@ -310,8 +235,8 @@ class Worker:
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
         self.budget.update(conn, 0)
-        if self.accept_timer is not None:  # a descriptor is free again
-            self.resume_accepting()
+        if self.accept_guard.paused:  # a descriptor is free again
+            self.accept_guard.resume()
 
     def status(self) -> Dict[str, Any]:
         figures = self.board.figures()
@@ -441,9 +366,7 @@ class Worker:
                 break
             self.welcome(sock, refuse)
         self.listener = None
-        if self.accept_timer is not None:
-            self.accept_timer.cancel()
-            self.accept_timer = None
+        self.accept_guard.cancel()
         self.loop.unregister(listener.fileno())
         listener.close()
 
@@ -508,14 +431,6 @@ def _peer_groups(sock: socket.socket) -> Tuple[int, ...]:
     except OSError:
         return ()
     return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
-
-
-def _open_spare() -> int:
-    """A descriptor held in reserve for accept() at the limit (-1: none)."""
-    try:
-        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return -1
 
 
 def _noop(signum: int, frame: Any) -> None:
