@@ -54,6 +54,7 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 #: Past the graceful timeout, how long workers get before they are killed.
 STOP_BACKSTOP = 10.0
+_STOP_SIGNALS = frozenset((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,16 @@ class Master:
         self.identity: Optional[Tuple[int, int]] = None
 
     def run(self) -> int:
+        # The socket file is visible from bind() on, before _serve() handles
+        # stop signals: one sent meanwhile waits (blocked) instead of
+        # killing the master outright.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return self._run()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def _run(self) -> int:
         setproctitle("errand-boy master")
         raise_nofile_limit()
         become_subreaper()
@@ -135,6 +146,7 @@ class Master:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, _noop)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # (blocked by run())
         try:
             # Everything allocated so far is shared with the workers, page by
             # page, until somebody writes to it. The cyclic GC would: it
