@@ -9,6 +9,8 @@ closed by exec (Python opens them all close-on-exec, and received
 descriptors come with ``MSG_CMSG_CLOEXEC``). ``subprocess`` stays the
 specification: the PATH search, the signals restored, and the errors
 (``errno``, ``strerror``, ``filename``) are the ones ``Popen`` would give.
+(One difference that cannot be helped: glibc's posix_spawn leaves its two
+internal signals, 32 and 33, ignored in the child, and exec keeps that.)
 """
 
 from __future__ import annotations
