@@ -323,13 +323,20 @@ def test_descriptors_that_do_not_fit(
     assert pipe.sent() == b""  # nothing ran, and the server kept no copy
 
 
-def test_more_descriptors_than_the_server_takes(socket_path: str, pipes: Any) -> None:
-    # One SCM_RIGHTS message with one more than the server has room for:
-    # the kernel truncates it (MSG_CTRUNC).
+@pytest.mark.parametrize("extra", [1, 100])
+def test_more_descriptors_than_the_server_takes(socket_path: str, pipes: Any, extra: int) -> None:
+    # One SCM_RIGHTS message with more than the server has room for: the
+    # kernel truncates it (MSG_CTRUNC), and what did arrive would fit the
+    # request, which must not run.
     [pipe] = pipes()
-    reply = send(
-        socket_path, {"cmd": "echo hi", "pass_fds": list(range(3, 3 + 64))}, [pipe.w] * (MAX_FDS + 1)
-    )
+    request = {
+        "cmd": "echo ran",
+        "stdin": "fd",
+        "stdout": "fd",
+        "stderr": "fd",
+        "pass_fds": list(range(3, 67)),
+    }
+    reply = send(socket_path, request, [pipe.w] * (MAX_FDS + extra))
     assert "more descriptors" in bad_request(reply)
     assert pipe.sent() == b""
 
@@ -549,6 +556,7 @@ def odd_files(sock_dir: str) -> Dict[str, str]:
     for name, mode, content in [
         ("noexec", 0o644, b"#!/bin/sh\necho x\n"),
         ("garbage", 0o755, b"\x00\x01junk"),
+        ("badinterp", 0o755, b"#!/no/such/interpreter\n"),
     ]:
         made[name] = os.path.join(sock_dir, name)
         with open(made[name], "wb") as f:
@@ -562,7 +570,8 @@ def odd_files(sock_dir: str) -> Dict[str, str]:
     made["bin"] = good
     made["dir"] = sock_dir
     yield made
-    os.unlink(os.path.join(good, "noexec"))
+    for name in os.listdir(good):
+        os.unlink(os.path.join(good, name))
     os.rmdir(good)
 
 
@@ -578,6 +587,8 @@ def odd_files(sock_dir: str) -> Dict[str, str]:
         "bad-cwd",
         "cwd-not-dir",
         "empty-path",
+        "bad-interpreter",
+        "bad-interpreter-then-noexec",
     ],
 )
 def test_spawn_errors_are_subprocess_errors(any_server: Any, odd_files: Dict[str, str], case: str) -> None:
@@ -597,6 +608,13 @@ def test_spawn_errors_are_subprocess_errors(any_server: Any, odd_files: Dict[str
         argv, cwd = ["true"], os.path.join(d, "missing")
     elif case == "cwd-not-dir":
         argv, cwd = ["true"], odd_files["noexec"]
+    elif case == "bad-interpreter":
+        argv = [odd_files["badinterp"]]  # ENOENT from an existing file
+    elif case == "bad-interpreter-then-noexec":
+        os.rename(odd_files["badinterp"], os.path.join(odd_files["bin"], "noexec2"))
+        os.rename(odd_files["noexec"], os.path.join(d, "noexec2"))
+        # ENOENT (its interpreter) is not kept over EACCES, as subprocess does
+        argv, env = ["noexec2"], {"PATH": f"{odd_files['bin']}:{d}"}
     elif case == "empty-path":
         argv, env = ["true"], {"PATH": ""}  # the empty entry is the working directory
     expected = _local_error(argv, cwd, env)
@@ -624,3 +642,14 @@ def test_path_search_goes_on_past_a_file_it_cannot_execute(
         any_server.socket_path, {"argv": ["noexec"], "env": {"PATH": "bin"}, "cwd": odd_files["dir"]}
     )
     assert reply.stdout == b"found in bin\n"
+
+
+def test_the_workers_own_directory_is_kept(any_server: Any, sock_dir: str) -> None:
+    # The worker changes into a request's cwd to spawn, and back.
+    path = any_server.socket_path
+    home = send(path, {"cmd": "pwd"}).stdout
+    assert home != sock_dir.encode() + b"\n"
+    for _ in range(6):  # (both workers)
+        assert send(path, {"cmd": "pwd", "cwd": sock_dir}).stdout == sock_dir.encode() + b"\n"
+    for _ in range(6):
+        assert send(path, {"cmd": "pwd"}).stdout == home

@@ -63,8 +63,9 @@ _SPLICE = getattr(os, "splice", None)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 _SIGKILL = signal.SIGKILL
-#: Room for the most descriptors a request may carry; more is MSG_CTRUNC.
-ANCILLARY_SIZE = socket.CMSG_SPACE(protocol.MAX_FDS * array.array("i").itemsize)
+#: Room for the most descriptors a request may carry, exactly (CMSG_SPACE
+#: would round up to room for one more); more is MSG_CTRUNC.
+ANCILLARY_SIZE = socket.CMSG_LEN(protocol.MAX_FDS * array.array("i").itemsize)
 _MSG_CTRUNC = socket.MSG_CTRUNC
 _RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
 
