@@ -532,7 +532,7 @@ def test_signals_are_not_ignored_in_the_command(any_server: Any) -> None:
     # Python ignores SIGPIPE and SIGXFSZ; subprocess restores them for its
     # children, and so must the server. (glibc's posix_spawn leaves its two
     # internal signals, 32 and 33, ignored in the child; nothing else.)
-    reply = send(any_server.socket_path, {"cmd": "grep -E '^Sig(Ign|Blk)' /proc/$$/status"})
+    reply = send(any_server.socket_path, {"argv": ["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"]})
     fields = dict(line.split(b":\t") for line in reply.stdout.splitlines())
     glibc_internal = (1 << 31) | (1 << 32)
     assert int(fields[b"SigBlk"], 16) == 0

@@ -81,15 +81,15 @@ _home_fd = -1  # the worker's own working directory (O_PATH)
 _prepared_pid = 0
 
 
-def _prepare() -> None:
+def prepare() -> None:
     """Once per process: open what every spawn uses, and mark every
     descriptor above 2 close-on-exec.
 
     Python opens its own descriptors close-on-exec; the sweep is for what the
     server inherited (a shell's stray descriptors, say), which posix_spawn
     would otherwise hand on to every command, where Popen's close_fds closed
-    them. (Opened here, not on first use, so that a worker's descriptor
-    count stays flat from its first command on.)
+    them. A worker calls this as it starts, so that its descriptor count
+    stays flat from then on.
     """
     global _prepared_pid, _devnull_fd, _home_fd
     if _prepared_pid == os.getpid():
@@ -165,7 +165,7 @@ def spawn(request: Request, rlimits: Rlimits = (), fds: Sequence[int] = ()) -> C
     """
     if len(fds) != request.fd_count:
         raise ValueError(f"the request takes {request.fd_count} descriptors, not {len(fds)}")
-    _prepare()
+    prepare()
     try:
         plan = _plan(request, fds)
     except OSError as exc:

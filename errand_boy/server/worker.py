@@ -34,6 +34,7 @@ from .logs import command_text, flush_summaries
 from .loop import IN, Loop
 from .scoreboard import Scoreboard, now_us
 from .spawn import Rlimits
+from .spawn import prepare as prepare_spawn
 
 log = logging.getLogger("errand_boy.server")
 
@@ -111,6 +112,7 @@ class Worker:
 
     def run(self) -> None:
         setproctitle(f"errand-boy worker {self.index}")
+        prepare_spawn()
         become_subreaper()
         # A master killed outright must not leave its workers serving: the
         # kernel sends SIGTERM when it dies (and getppid() covers the race).
