@@ -83,13 +83,13 @@ class Pipe:
     def __init__(self) -> None:
         self.r, self.w = os.pipe()
 
-    def sent(self) -> bytes:
+    def sent(self, timeout: float = 20.0) -> bytes:
         """Close our write end; what the command wrote, once every copy is closed."""
         if self.w >= 0:
             os.close(self.w)
             self.w = -1
         try:
-            return read_all(self.r)
+            return read_all(self.r, timeout)
         finally:
             os.close(self.r)
             self.r = -1
@@ -115,6 +115,18 @@ def pipes() -> Iterator[Any]:
     finally:
         for pipe in made:
             pipe.close()
+
+
+def refused(path: str, request: Any, fds: Sequence[int], pipe: Pipe) -> Reply:
+    """Send, read the reply, and check that the server closed every copy of
+    ``pipe``'s write end as it answered: while the connection is still open
+    (the server drains it for a second after a `!`)."""
+    data = request if isinstance(request, bytes) else extended(request)
+    with RawClient(path, 20.0) as client:
+        client.send_fds(data, fds)
+        reply = client.read_reply()
+        assert pipe.sent(timeout=0.5) == b""
+    return reply
 
 
 def bad_request(reply: Reply) -> str:
@@ -290,10 +302,9 @@ def test_signal_frames_reach_a_command_with_descriptors(any_server: Any, pipes: 
 
 def test_spawn_failure_closes_the_descriptors(any_server: Any, pipes: Any) -> None:
     [out] = pipes()
-    reply = send(any_server.socket_path, {"argv": ["no-such-program-here"], "stdout": "fd"}, [out.w])
+    reply = refused(any_server.socket_path, {"argv": ["no-such-program-here"], "stdout": "fd"}, [out.w], out)
     assert reply.error["error"] == "spawn-failed"
     assert reply.error["errno"] == 2 and reply.error["filename"] == "no-such-program-here"
-    assert out.sent() == b""
 
 
 # --------------------------------------------------------------------------
@@ -317,10 +328,9 @@ def test_descriptors_that_do_not_fit(
     socket_path: str, pipes: Any, request_: Any, count: int, words: str
 ) -> None:
     [pipe] = pipes()
-    reply = send(socket_path, request_, [pipe.w] * count)
+    reply = refused(socket_path, request_, [pipe.w] * count, pipe)  # nothing ran, no copy kept
     assert words in bad_request(reply)
     assert "P" not in reply.kinds()
-    assert pipe.sent() == b""  # nothing ran, and the server kept no copy
 
 
 @pytest.mark.parametrize("extra", [1, 100])
@@ -336,9 +346,8 @@ def test_more_descriptors_than_the_server_takes(socket_path: str, pipes: Any, ex
         "stderr": "fd",
         "pass_fds": list(range(3, 67)),
     }
-    reply = send(socket_path, request, [pipe.w] * (MAX_FDS + extra))
+    reply = refused(socket_path, request, [pipe.w] * (MAX_FDS + extra), pipe)
     assert "more descriptors" in bad_request(reply)
-    assert pipe.sent() == b""
 
 
 def test_descriptors_in_many_messages_before_the_block_is_complete(socket_path: str, pipes: Any) -> None:
@@ -371,8 +380,8 @@ def test_descriptors_after_the_command_block(socket_path: str, pipes: Any) -> No
         assert client.read_until("P") is not None  # the block was read: the command runs
         client.send_fds(frame(b"I", b"x"), [pipe.w])
         reply = client.read_reply()
+        assert pipe.sent(timeout=0.5) == b""
     assert "after the command block" in bad_request(reply)
-    assert pipe.sent() == b""
 
 
 def test_descriptors_sent_apart_from_their_block(socket_path: str, pipes: Any) -> None:
@@ -653,3 +662,18 @@ def test_the_workers_own_directory_is_kept(any_server: Any, sock_dir: str) -> No
         assert send(path, {"cmd": "pwd", "cwd": sock_dir}).stdout == sock_dir.encode() + b"\n"
     for _ in range(6):
         assert send(path, {"cmd": "pwd"}).stdout == home
+
+
+def test_a_queued_request_that_times_out_busy_closes_its_descriptors(start_server: Any, pipes: Any) -> None:
+    server = start_server("--pool-size", "1", "--max-concurrent", "1", "--queue-timeout", "0.5")
+    [pipe] = pipes()
+    with RawClient(server.socket_path, 20.0) as holder:
+        holder.send(extended({"cmd": "exec sleep 30"}))
+        assert holder.read_until("P") is not None  # the only place is taken
+        reply = refused(server.socket_path, {"cmd": "echo hi", "stdout": "fd"}, [pipe.w], pipe)
+        assert reply.error["error"] == "busy", reply.frames
+
+
+def test_status_says_revision_2(socket_path: str) -> None:
+    info = status(socket_path)
+    assert (info["protocol"], info["revision"]) == (1, 2)
