@@ -677,3 +677,18 @@ def test_a_queued_request_that_times_out_busy_closes_its_descriptors(start_serve
 def test_status_says_revision_2(socket_path: str) -> None:
     info = status(socket_path)
     assert (info["protocol"], info["revision"]) == (1, 2)
+
+
+def test_the_server_lets_go_once_the_command_started(any_server: Any, pipes: Any) -> None:
+    # The command closes the stdin it was given: if nobody else holds the
+    # pipe's read end (the server must not), writing to it fails at once.
+    [pipe] = pipes()
+    with RawClient(any_server.socket_path, 20.0) as client:
+        client.send_fds(extended({"cmd": "exec 0<&-; echo started; exec sleep 30", "stdin": "fd"}), [pipe.r])
+        os.close(pipe.r)
+        pipe.r = -1
+        assert client.read_until("O") == ("O", b"started\n")
+        with pytest.raises(BrokenPipeError):
+            os.write(pipe.w, b"x")
+        client.send(frame(b"K", b"%d" % signal.SIGKILL))
+        assert client.read_reply().exit["returncode"] == -signal.SIGKILL
