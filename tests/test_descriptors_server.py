@@ -692,3 +692,24 @@ def test_the_server_lets_go_once_the_command_started(any_server: Any, pipes: Any
             os.write(pipe.w, b"x")
         client.send(frame(b"K", b"%d" % signal.SIGKILL))
         assert client.read_reply().exit["returncode"] == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("how", ["client-gone", "shutting-down"])
+def test_a_queued_request_that_ends_otherwise_closes_its_descriptors(
+    start_server: Any, pipes: Any, how: str
+) -> None:
+    server = start_server("--pool-size", "1", "--max-concurrent", "1", "--graceful-timeout", "1")
+    [pipe] = pipes()
+    with RawClient(server.socket_path, 20.0) as holder:
+        holder.send(extended({"cmd": "exec sleep 30"}))
+        assert holder.read_until("P") is not None  # the only place is taken
+        queued = RawClient(server.socket_path, 20.0)
+        with queued:
+            queued.send_fds(extended({"cmd": "echo hi", "stdout": "fd"}), [pipe.w])
+            assert wait_for(lambda: status(server.socket_path)["queued"] == 1, 10.0)
+            if how == "client-gone":
+                queued.close()
+            else:
+                server.proc.send_signal(signal.SIGTERM)
+                assert queued.read_reply().error["error"] == "shutting-down"
+            assert pipe.sent(timeout=5.0) == b""
