@@ -28,6 +28,7 @@ from typing import Any, Deque, Dict, FrozenSet, Optional, Set, Tuple
 from setproctitle import setproctitle
 
 from .. import __version__
+from ..protocol import REVISION
 from . import scoreboard as sb
 from .accept_guard import AcceptGuard
 from .budget import RequestBudget
@@ -36,6 +37,7 @@ from .logs import command_text, flush_summaries
 from .loop import IN, Loop
 from .scoreboard import Scoreboard, now_us
 from .spawn import Rlimits
+from .spawn import prepare as prepare_spawn
 
 log = logging.getLogger("errand_boy.server")
 
@@ -117,6 +119,7 @@ class Worker:
 
     def run(self) -> None:
         setproctitle(f"errand-boy worker {self.index}")
+        prepare_spawn()
         become_subreaper()
         # A master killed outright must not leave its workers serving: the
         # kernel sends SIGTERM when it dies (and getppid() covers the race).
@@ -240,7 +243,10 @@ class Worker:
 
     def status(self) -> Dict[str, Any]:
         figures = self.board.figures()
-        return {"pid": self.master_pid, "version": __version__, "protocol": 1, **figures}
+        # "protocol" is the version (ERRAND/1); "revision" says what of it we speak.
+        return {
+            "pid": self.master_pid, "version": __version__, "protocol": 1, "revision": REVISION, **figures
+        }
 
     # ------------------------------------------------------------------
     # commands
