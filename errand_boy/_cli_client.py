@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from subprocess import DEVNULL
-from typing import Optional
+from typing import Iterable, Optional
 
 from .client import Popen
 from .defaults import resolve_socket_path
@@ -30,14 +30,20 @@ def run_command_line(
     timeout: Optional[float],
     cwd: Optional[str],
     pass_stdin: bool,
+    trusted_uids: Optional[Iterable[int]] = None,
 ) -> int:
-    """Run ``command`` through the server; return the exit status to exit with."""
+    """Run ``command`` through the server; return the exit status to exit with.
+
+    ``trusted_uids`` (``--trust-uid``; default ``$ERRAND_BOY_TRUSTED_UIDS``)
+    names the users besides root and our own whose server we talk to; any
+    other server is refused before a byte is sent (exit status 125).
+    """
     socket_path = resolve_socket_path(socket_path)
     process: Optional[Popen] = None
     try:
         process = Popen(
             command, stdin=0 if pass_stdin else DEVNULL, stdout=None, stderr=None,
-            cwd=cwd, timeout=timeout, socket_path=socket_path,
+            cwd=cwd, timeout=timeout, socket_path=socket_path, trusted_uids=trusted_uids,
         )  # fmt: skip
         returncode = _wait(process)
     except ErrandBoyError as exc:

@@ -67,6 +67,11 @@ The API copies :mod:`asyncio.subprocess`. These are all the differences:
   too; :func:`run` and :func:`run_cmd` take them), ``preexec_fn``,
   ``close_fds``, ``pass_fds``, ``start_new_session`` (always on),
   ``user``/``group``.
+* **Only a trusted server**, as in the sync client: before sending a byte,
+  the server's credentials are read, and a server that runs as neither
+  root, nor this process's user, nor one of ``trusted_uids=`` (else
+  ``$ERRAND_BOY_TRUSTED_UIDS``) raises
+  :class:`~errand_boy.exceptions.UntrustedServer`.
 * **Extensions:** ``timeout=`` (the server kills the command's process group
   when it is exceeded; ``returncode`` is then ``-9`` and
   :attr:`Process.timed_out` is true), ``socket_path=`` on the module-level
@@ -84,7 +89,21 @@ import os
 import signal
 import socket
 from subprocess import DEVNULL, PIPE, STDOUT, CalledProcessError, CompletedProcess, TimeoutExpired
-from typing import Any, Callable, Coroutine, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union, cast
+from typing import (
+    Any,
+    Callable,
+    Coroutine,
+    Dict,
+    FrozenSet,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Set,
+    Tuple,
+    Union,
+    cast,
+)  # fmt: skip
 
 from . import client, protocol
 from .defaults import resolve_socket_path
@@ -365,8 +384,16 @@ class Process:
     (never directly). See the module documentation for the differences.
     """
 
-    def __init__(self, args: Any, socket_path: str, sinks: Dict[int, Optional[_Sink]], limit: int) -> None:
+    def __init__(
+        self,
+        args: Any,
+        socket_path: str,
+        sinks: Dict[int, Optional[_Sink]],
+        limit: int,
+        trusted_uids: Optional[Iterable[int]] = None,
+    ) -> None:
         self.args = args
+        self._trusted_uids = trusted_uids
         self.pid: Optional[int] = None
         self.stdin: Optional[StdinWriter] = None
         self.stdout: Optional[asyncio.StreamReader] = None
@@ -415,11 +442,14 @@ class Process:
 
     async def _start(self, request: bytes, source: Optional[client._Source]) -> None:
         """Connect, send the request, and return once the command started."""
+        # A bad setting fails before connecting.
+        self._trusted_uids = client.trusted_uids_from(self._trusted_uids)
         try:
             reader, writer = await asyncio.open_unix_connection(self._socket_path, limit=DEFAULT_LIMIT)
         except OSError as exc:
             raise ServerUnavailable(self._socket_path, exc) from exc
         try:
+            _check_server(writer, self._socket_path, self._trusted_uids)  # before sending a byte
             self._sender = _Sender(writer)
         except BaseException:
             writer.transport.abort()
@@ -668,6 +698,7 @@ async def _create(
     timeout: Optional[float],
     limit: int,
     socket_path: Optional[str],
+    trusted_uids: Optional[Iterable[int]] = None,
     early_input: Optional[bytes] = None,
 ) -> Process:
     wire_stdin, source = client._stdin_plan(stdin)
@@ -677,7 +708,7 @@ async def _create(
         **target, cwd=cwd, env=env, timeout=timeout,
         stdin=wire_stdin, stdout=wire_stdout, stderr=wire_stderr,
     )  # fmt: skip
-    process = Process(args, resolve_socket_path(socket_path), {1: out_sink, 2: err_sink}, limit)
+    process = Process(args, resolve_socket_path(socket_path), {1: out_sink, 2: err_sink}, limit, trusted_uids)
     if early_input is not None:
         # The caller's whole input (run, run_cmd): no stdin stream. Small
         # input goes in the same send as the request.
@@ -704,17 +735,18 @@ async def create_subprocess_shell(
     env: Optional[Mapping[Any, Any]] = None,
     timeout: Optional[float] = None,
     socket_path: Optional[str] = None,
+    trusted_uids: Optional[Iterable[int]] = None,
 ) -> Process:
     """Run the shell command ``cmd`` (``/bin/sh -c cmd``) in the server.
 
     As :func:`asyncio.create_subprocess_shell`; returns once the command has
-    started. ``timeout`` and ``socket_path`` are extensions.
+    started. ``timeout``, ``socket_path`` and ``trusted_uids`` are extensions.
     """
     if not isinstance(cmd, (str, bytes)):
         raise TypeError(f"cmd must be str or bytes, not {type(cmd).__name__}")
     return await _create(
         cmd, {"cmd": cmd}, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
-        timeout=timeout, limit=limit, socket_path=socket_path,
+        timeout=timeout, limit=limit, socket_path=socket_path, trusted_uids=trusted_uids,
     )  # fmt: skip
 
 
@@ -729,16 +761,17 @@ async def create_subprocess_exec(
     env: Optional[Mapping[Any, Any]] = None,
     timeout: Optional[float] = None,
     socket_path: Optional[str] = None,
+    trusted_uids: Optional[Iterable[int]] = None,
 ) -> Process:
     """Run ``program`` with ``args`` (no shell) in the server.
 
     As :func:`asyncio.create_subprocess_exec`; returns once the command has
-    started. ``timeout`` and ``socket_path`` are extensions.
+    started. ``timeout``, ``socket_path`` and ``trusted_uids`` are extensions.
     """
     argv = [program, *args]
     return await _create(
         argv, {"argv": argv}, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
-        timeout=timeout, limit=limit, socket_path=socket_path,
+        timeout=timeout, limit=limit, socket_path=socket_path, trusted_uids=trusted_uids,
     )  # fmt: skip
 
 
@@ -747,6 +780,7 @@ async def run_cmd(
     input: _Input = None,
     *,
     socket_path: Optional[str] = None,
+    trusted_uids: Optional[Iterable[int]] = None,
     shell: Optional[bool] = None,
     text: Optional[bool] = None,
     universal_newlines: Optional[bool] = None,
@@ -768,7 +802,7 @@ async def run_cmd(
     codec = _text_codec(text, universal_newlines, encoding, errors)
     process = await _create(
         cmd, client._target(cmd, shell), stdin=PIPE, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
-        timeout=timeout, limit=DEFAULT_LIMIT, socket_path=socket_path,
+        timeout=timeout, limit=DEFAULT_LIMIT, socket_path=socket_path, trusted_uids=trusted_uids,
         early_input=_encode(b"" if input is None else input, codec),
     )  # fmt: skip
     out, err = await process.communicate()
@@ -793,6 +827,7 @@ async def run(
     stderr: Any = None,
     shell: Optional[bool] = None,
     socket_path: Optional[str] = None,
+    trusted_uids: Optional[Iterable[int]] = None,
 ) -> CompletedProcess[Any]:
     """Run a command and wait for it, like :func:`subprocess.run`.
 
@@ -806,7 +841,7 @@ async def run(
     codec = _text_codec(text, universal_newlines, encoding, errors)
     process = await _create(
         args, client._target(args, shell), stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
-        timeout=timeout, limit=DEFAULT_LIMIT, socket_path=socket_path,
+        timeout=timeout, limit=DEFAULT_LIMIT, socket_path=socket_path, trusted_uids=trusted_uids,
         early_input=None if input is None else _encode(input, codec),
     )  # fmt: skip
     communicating = process.communicate()
@@ -827,13 +862,26 @@ async def run(
     return CompletedProcess(process.args, returncode, out, err)
 
 
-async def status(socket_path: Optional[str] = None) -> Dict[str, Any]:
-    """The server's figures (its ``S`` object)."""
+def _check_server(writer: asyncio.StreamWriter, path: str, trusted_uids: Optional[Iterable[int]]) -> None:
+    """:func:`errand_boy.client.check_server` on a connection; aborts it when refused."""
+    try:
+        client.check_server(writer.get_extra_info("socket"), path, trusted_uids)
+    except BaseException:
+        writer.transport.abort()
+        raise
+
+
+async def status(
+    socket_path: Optional[str] = None, *, trusted_uids: Optional[Iterable[int]] = None
+) -> Dict[str, Any]:
+    """The server's figures (its ``S`` object), from a server we trust."""
     path = resolve_socket_path(socket_path)
+    trusted_uids = client.trusted_uids_from(trusted_uids)
     try:
         reader, writer = await asyncio.open_unix_connection(path)
     except OSError as exc:
         raise ServerUnavailable(path, exc) from exc
+    _check_server(writer, path, trusted_uids)
     parser = protocol.ReplyParser()
     try:
         writer.write(protocol.encode_status_request())
@@ -866,31 +914,43 @@ class AsyncUNIXSocketTransport:
 
     ``socket_path`` defaults to ``$ERRAND_BOY_SOCKET``, else
     ``/tmp/errand-boy``. Every method opens its own connection: one transport
-    serves any number of concurrent tasks.
+    serves any number of concurrent tasks. ``trusted_uids`` as for the sync
+    transport: the users, besides root and our own, whose server we talk to.
     """
 
-    def __init__(self, socket_path: Optional[str] = None) -> None:
+    def __init__(
+        self, socket_path: Optional[str] = None, *, trusted_uids: Optional[Iterable[int]] = None
+    ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
+        self.trusted_uids: Optional[FrozenSet[int]] = None
+        if trusted_uids is not None:
+            self.trusted_uids = client.trusted_uids_from(trusted_uids)
+
+    def _options(self, options: Dict[str, Any]) -> Dict[str, Any]:
+        options.setdefault("trusted_uids", self.trusted_uids)
+        return options
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(socket_path={self.socket_path!r})"
 
     async def run_cmd(self, cmd: Any, input: _Input = None, **options: Any) -> Tuple[Process, Any, Any]:
         """Run ``cmd``; return ``(process, stdout, stderr)``. See :func:`errand_boy.aio.run_cmd`."""
-        return await run_cmd(cmd, input, socket_path=self.socket_path, **options)
+        return await run_cmd(cmd, input, socket_path=self.socket_path, **self._options(options))
 
     async def run(self, args: Any, **options: Any) -> CompletedProcess[Any]:
         """As :func:`subprocess.run`. See :func:`errand_boy.aio.run`."""
-        return await run(args, socket_path=self.socket_path, **options)
+        return await run(args, socket_path=self.socket_path, **self._options(options))
 
     async def create_subprocess_shell(self, cmd: Union[str, bytes], *args: Any, **options: Any) -> Process:
         """As :func:`asyncio.create_subprocess_shell`, run by this server."""
+        options = self._options(options)
         return await create_subprocess_shell(cmd, *args, socket_path=self.socket_path, **options)
 
     async def create_subprocess_exec(self, program: Any, *args: Any, **options: Any) -> Process:
         """As :func:`asyncio.create_subprocess_exec`, run by this server."""
+        options = self._options(options)
         return await create_subprocess_exec(program, *args, socket_path=self.socket_path, **options)
 
     async def status(self) -> Dict[str, Any]:
         """The server's figures (the ``S`` object of an ``op: status`` request)."""
-        return await status(self.socket_path)
+        return await status(self.socket_path, trusted_uids=self.trusted_uids)

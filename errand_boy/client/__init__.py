@@ -53,7 +53,14 @@ over one Unix-socket connection per command. The API copies
 * **Lenient input.** A ``str`` given to :meth:`Popen.communicate` in binary
   mode is encoded as UTF-8 (the original errand-boy's ``run_cmd`` took
   ``input='foo'``) where subprocess raises ``TypeError``.
-* **Extensions:** ``Popen(timeout=...)``, ``socket_path=``, and the attributes
+* **Only a trusted server.** Right after connecting, before sending a byte,
+  the client reads the server's credentials (``SO_PEERCRED``) and talks
+  only to a server running as root, as this process's effective user, or as
+  a user named in ``trusted_uids=`` (else ``$ERRAND_BOY_TRUSTED_UIDS``,
+  comma-separated uids); any other raises
+  :class:`~errand_boy.exceptions.UntrustedServer` (a ``ServerUnavailable``).
+  Trust goes by credentials, never by the socket's path or owner.
+* **Extensions:** ``Popen(timeout=...)``, ``socket_path=``, ``trusted_uids=``, and the attributes
   :attr:`Popen.timed_out`, :attr:`Popen.reason` (``"exit"``, ``"signal"`` or
   ``"timeout"``) and :attr:`Popen.info` (the server's whole ``X`` object).
 
@@ -67,7 +74,7 @@ from __future__ import annotations
 import subprocess
 import time
 from subprocess import DEVNULL, PIPE, STDOUT, CompletedProcess, TimeoutExpired
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 from .. import protocol
 from ..defaults import resolve_socket_path
@@ -89,6 +96,9 @@ from ._io import INPUT_FRAME_SIZE as INPUT_FRAME_SIZE
 from ._io import _BytesSource as _BytesSource
 from ._io import _discard as _discard
 from ._io import _Source as _Source
+from ._trust import TRUSTED_UIDS_ENV as TRUSTED_UIDS_ENV
+from ._trust import check_server as check_server
+from ._trust import trusted_uids_from as trusted_uids_from
 from .popen import EARLY_INPUT_LIMIT as EARLY_INPUT_LIMIT
 from .popen import Popen as Popen
 from .popen import _timeout_expired as _timeout_expired
@@ -181,11 +191,14 @@ def _run_communicate(process: Popen, timeout: Optional[float]) -> Tuple[Optional
         process._communication_started = True
 
 
-def status(socket_path: Optional[str] = None) -> Dict[str, Any]:
-    """The server's figures (its ``S`` object)."""
+def status(
+    socket_path: Optional[str] = None, *, trusted_uids: Optional[Iterable[int]] = None
+) -> Dict[str, Any]:
+    """The server's figures (its ``S`` object), from a server we trust
+    (``trusted_uids`` as for :class:`Popen`)."""
     path = resolve_socket_path(socket_path)
     command = _Command({1: _discard, 2: _discard})
-    command.start(path, protocol.encode_status_request())
+    command.start(path, protocol.encode_status_request(), trusted_uids)
     if command.status is None:
         raise RemoteProtocolError(f"the errand-boy server at {path!r} answered a status request without S")
     return command.status

@@ -13,7 +13,7 @@ import selectors
 import signal
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional
 
 from .. import protocol
 from ..exceptions import ConnectionLost, RemoteProtocolError, error_from_frame
@@ -66,9 +66,10 @@ class _Command:
         """The reply is complete, or the connection failed or was given up."""
         return self.conn is None
 
-    def start(self, socket_path: str, request: bytes) -> None:
-        """Connect, send the request, and read until the command started."""
-        self.conn = _Connection(socket_path)
+    def start(self, socket_path: str, request: bytes, trusted_uids: Optional[Iterable[int]] = None) -> None:
+        """Connect, check the server, send the request, and read until the
+        command started (see :mod:`._trust` for ``trusted_uids``)."""
+        self.conn = _Connection(socket_path, trusted_uids)
         try:
             try:
                 self.conn.send(request)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import errno
 import socket
 import threading
-from typing import Any, Optional, cast
+from typing import Any, Iterable, Optional, cast
 
 from .. import protocol
 from ..exceptions import ConnectionLost, RemoteProtocolError, ServerUnavailable
+from ._trust import check_server, trusted_uids_from
 
 #: Bytes asked of the socket per receive outside an output payload (and per
 #: payload piece that is queued). Not more: the parser copies what it is fed
@@ -59,10 +60,11 @@ class _Connection:
     """One socket to the server, the reply parser behind it, and any bytes
     of a frame that a non-blocking send left unsent (``pending``)."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, trusted_uids: Optional[Iterable[int]] = None) -> None:
         self.socket_path = socket_path
         self.parser = protocol.ReplyParser()
         self.pending = _EMPTY
+        trusted_uids = trusted_uids_from(trusted_uids)  # a bad setting fails before connecting
         # Looked up at call time, so a monkey-patched socket module is used.
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -70,6 +72,11 @@ class _Connection:
         except OSError as exc:
             sock.close()
             raise ServerUnavailable(socket_path, exc) from exc
+        try:
+            check_server(sock, socket_path, trusted_uids)  # before sending a byte
+        except BaseException:
+            sock.close()
+            raise
         self.sock = sock
         self._timeout = sock.gettimeout()
 

@@ -14,7 +14,7 @@ import io
 import signal
 import time
 from subprocess import PIPE, TimeoutExpired
-from typing import IO, Any, Dict, Mapping, Optional, Tuple, Union, cast
+from typing import IO, Any, Dict, Iterable, Mapping, Optional, Tuple, Union, cast
 
 from .. import protocol
 from ..defaults import resolve_socket_path
@@ -47,6 +47,10 @@ class Popen:
     ``timeout`` (seconds) is an errand-boy extension: the server kills the
     command's process group when it is exceeded. ``socket_path`` names the
     server's socket (default: ``$ERRAND_BOY_SOCKET``, else ``/tmp/errand-boy``).
+    ``trusted_uids`` names the users, besides root and this process's own,
+    whose server the client talks to (default: ``$ERRAND_BOY_TRUSTED_UIDS``);
+    any other raises :class:`~errand_boy.exceptions.UntrustedServer` before
+    a byte is sent.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class Popen:
         shell: Optional[bool] = None,
         bufsize: int = -1,
         socket_path: Optional[str] = None,
+        trusted_uids: Optional[Iterable[int]] = None,
         _input: Union[str, bytes, None] = None,
     ) -> None:
         self.args = args
@@ -92,7 +97,7 @@ class Popen:
             command.set_source(source)
         elif _input is not None and self.stdin is not None:
             request += self._take_early_input(_input)
-        command.start(resolve_socket_path(socket_path), request)
+        command.start(resolve_socket_path(socket_path), request, trusted_uids)
         if command.input_ended and self.stdin is not None:
             self.stdin.close()  # sends nothing more: the input went with the request
 
