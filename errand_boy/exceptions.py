@@ -135,8 +135,10 @@ class SpawnFailed(ServerError, OSError):
     """The command could not be started (missing program, bad cwd, ...).
 
     It is an :class:`OSError` with ``errno``, ``strerror`` and ``filename``
-    set; :func:`error_from_frame` returns an instance of a subclass that is
-    also the matching builtin (``FileNotFoundError`` for ``ENOENT``,
+    set as subprocess sets them (``strerror`` is ``os.strerror(errno)``, so
+    ``str()`` reads ``[Errno 2] No such file or directory: 'prog'``; the
+    server's own sentence is in ``message``); :func:`error_from_frame`
+    returns an instance of a subclass that is also the matching builtin (``FileNotFoundError`` for ``ENOENT``,
     ``PermissionError`` for ``EACCES``, ...), as ``subprocess`` raises them.
     """
 
@@ -151,13 +153,13 @@ class SpawnFailed(ServerError, OSError):
     ) -> None:
         ServerError.__init__(self, message, details)
         self.errno = errno
-        self.strerror = message
+        self.strerror = _os.strerror(errno) if errno is not None else message
         self.filename = filename
 
     def __str__(self) -> str:
         head = f"[Errno {self.errno}] " if self.errno is not None else ""
         tail = f": {self.filename!r}" if self.filename is not None else ""
-        return f"{head}{self.message}{tail}"
+        return f"{head}{self.strerror}{tail}"
 
     def __reduce__(self) -> Any:  # keep the errno-specific class when copied
         return (_rebuild_spawn_failed, (self.errno, self.message, self.filename, self.details))

@@ -700,3 +700,70 @@ def test_module_level_functions(socket_path: str) -> None:
     _process, stdout, _ = client.run_cmd("echo m", socket_path=socket_path)
     assert stdout == b"m\n"
     assert isinstance(client.status(socket_path), dict)
+
+
+# -- subprocess conformance (issue 9's list; CPython's own tests in test_conformance_subprocess.py)
+
+
+def test_returncode_is_published_by_poll_and_wait_only(transport: UNIXSocketTransport) -> None:
+    process = transport.Popen("true")
+    process._command.pump(lambda: process._command.finished)  # the X frame has arrived
+    assert process.returncode is None  # as subprocess: nobody polled yet
+    assert process.poll() == 0 and process.returncode == 0
+
+
+def test_two_threads_wait_on_one_popen(transport: UNIXSocketTransport) -> None:
+    """One thread waits while another polls, kills and waits (CPython's issue 21291)."""
+    process = transport.Popen("sleep 30", stdin=None, stdout=None, stderr=None)
+    results: List[object] = []
+
+    def kill_and_wait() -> None:
+        try:
+            results.append(process.poll())
+            process.kill()
+            results.append(process.wait())
+            results.append(process.wait(timeout=1))
+        except BaseException as exc:  # EBADF here was the bug
+            results.append(exc)
+
+    timer = threading.Timer(0.3, kill_and_wait)
+    timer.start()
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    timer.join(30)
+    assert results == [None, -signal.SIGKILL, -signal.SIGKILL]
+
+
+def test_spawn_error_carries_subprocess_strerror(transport: UNIXSocketTransport) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        transport.Popen(["errand-boy-no-such-program"])
+    assert info.value.strerror == os.strerror(2) == "No such file or directory"
+    assert str(info.value) == "[Errno 2] No such file or directory: 'errand-boy-no-such-program'"
+
+
+def test_communicate_closes_the_streams(transport: UNIXSocketTransport) -> None:
+    process = transport.Popen("cat", text=True)
+    assert process.communicate("x") == ("x", "")
+    assert process.stdin.closed and process.stdout.closed and process.stderr.closed  # type: ignore[union-attr]
+
+
+def test_subprocess_argument_rules(transport: UNIXSocketTransport, tmp_path) -> None:
+    assert transport.Popen("true", bufsize=None).wait() == 0
+    with pytest.raises(TypeError, match="bufsize must be an integer"):
+        transport.Popen("true", bufsize="1")
+    with pytest.raises(TypeError, match="path-like args"):
+        transport.run(tmp_path, shell=True)
+    assert client.Popen[bytes].__origin__ is client.Popen  # type: ignore[attr-defined]
+    assert transport.Popen("true", close_fds=True).wait() == 0
+    with pytest.raises(ValueError, match="close_fds=False is not supported"):
+        transport.Popen("true", close_fds=False)
+    with pytest.warns(RuntimeWarning, match="line buffering"):
+        transport.Popen("true", bufsize=1).wait()
+
+
+def test_exit_raises_broken_pipe_of_stdin(transport: UNIXSocketTransport) -> None:
+    process = transport.Popen("true", stdout=subprocess.DEVNULL, bufsize=1 << 21)
+    process._command.pump(lambda: process._command.finished)  # the command is over
+    process.stdin.write(b"x" * (1 << 20))  # type: ignore[union-attr]
+    with pytest.raises(BrokenPipeError):
+        process.__exit__(None, None, None)
+    assert process.returncode == 0 and process.stdin.closed  # type: ignore[union-attr]

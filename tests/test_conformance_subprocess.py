@@ -74,17 +74,9 @@ EXCLUDED: Dict[str, str] = {
 
 #: Tests that fail because of a difference from subprocess not fixed yet.
 DEVIATIONS: Dict[str, str] = {
-    "test_bufsize_equal_one_binary_mode": (
-        "stdin has no fileno(); no RuntimeWarning for bufsize=1 in binary mode"
-    ),
+    "test_bufsize_equal_one_binary_mode": "stdin has no fileno()",
     "test_bufsize_equal_one_text_mode": "stdin has no fileno()",
-    "test_class_getitems": "Popen[bytes] is not subscriptable",
-    "test_communicate_pipe_fd_leak": "communicate() leaves the streams open",
-    "test_invalid_bufsize": "bufsize=None is refused",
     "test_poll": "stdin has no fileno()",
-    "test_threadsafe_wait": "a second thread waiting on the same Popen fails",
-    "test_run_with_pathlike_path": "run(pathlike, shell=True) is not refused",
-    "test_broken_pipe_cleanup": "__exit__ swallows BrokenPipeError",
 }
 
 _SUBPROCESS_POPEN = subprocess.Popen

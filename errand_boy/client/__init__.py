@@ -45,7 +45,10 @@ over one Unix-socket connection per command. The API copies
 * **Closing the connection kills the command.** A :class:`Popen` garbage
   collected while its command runs closes its connection, and the server
   kills the command's process group (subprocess would leave it running).
-* **Not supported:** ``preexec_fn``, ``close_fds``, ``pass_fds``,
+* **close_fds** is accepted: ``True`` (the default) is what happens anyway;
+  ``False`` raises :class:`ValueError` (the command never inherits the
+  server's descriptors).
+* **Not supported:** ``preexec_fn``, ``pass_fds``,
   ``start_new_session`` (always on), ``user``/``group``, ``restore_signals``,
   ``executable``, ``umask``, ``extra_groups``, ``process_group``,
   ``pipesize``, ``startupinfo``, ``creationflags`` (a ``TypeError``). Every

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import io
 import signal
+import threading
 import time
+import types
+import warnings
 from subprocess import PIPE, TimeoutExpired
 from typing import IO, Any, Dict, Iterable, Mapping, Optional, Tuple, Union, cast
 
@@ -33,6 +36,19 @@ def _timeout_expired(
     args: Any, timeout: Optional[float], output: Optional[bytes] = None, stderr: Optional[bytes] = None
 ) -> TimeoutExpired:
     return TimeoutExpired(args, cast(float, timeout), output=output, stderr=stderr)
+
+
+def _check_bufsize(bufsize: Optional[int], close_fds: bool) -> int:
+    if not close_fds:
+        raise ValueError(
+            "close_fds=False is not supported: the command is started by the errand-boy server, "
+            "which never lets it inherit its own descriptors; pass the ones it needs with pass_fds"
+        )
+    if bufsize is None:
+        return -1  # as subprocess: the default
+    if isinstance(bufsize, bool) or not isinstance(bufsize, int):
+        raise TypeError("bufsize must be an integer")
+    return bufsize
 
 
 class Popen:
@@ -68,16 +84,28 @@ class Popen:
         errors: Optional[str] = None,
         timeout: Optional[float] = None,
         shell: Optional[bool] = None,
-        bufsize: int = -1,
+        bufsize: Optional[int] = -1,
+        close_fds: bool = True,
         socket_path: Optional[str] = None,
         trusted_uids: Optional[Iterable[int]] = None,
         _input: Union[str, bytes, None] = None,
     ) -> None:
         self.args = args
+        self._returncode: Optional[int] = None  # published by poll/wait, as subprocess does
+        self._wait_lock = threading.Lock()  # looked up now: monkey-patching makes it green
+        bufsize = _check_bufsize(bufsize, close_fds)
         self.stdin: Optional[IO[Any]] = None
         self.stdout: Optional[IO[Any]] = None
         self.stderr: Optional[IO[Any]] = None
         self.text_mode = _text_mode(text, universal_newlines, encoding, errors)
+        if bufsize == 1 and not self.text_mode:
+            warnings.warn(
+                "line buffering (buffering=1) isn't supported in binary mode, "
+                "the default buffer size will be used",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            bufsize = -1
         self._communication_started = False
         wire_stdin, source = _stdin_plan(stdin)
         wire_stdout, out_sink = _output_plan(stdout, 1)
@@ -120,14 +148,19 @@ class Popen:
         """The command's process id, in the server's PID namespace."""
         return self._command.pid
 
+    def __class_getitem__(cls, item: Any) -> Any:
+        """``Popen[bytes]``, as subprocess allows."""
+        return types.GenericAlias(cls, item)
+
     @property
     def returncode(self) -> Optional[int]:
-        """None while the command runs; its exit status, or -N for signal N."""
-        return self._command.returncode
+        """None until poll(), wait() or communicate() sees the command end;
+        then its exit status, or -N for signal N (as subprocess)."""
+        return self._returncode
 
     @returncode.setter
     def returncode(self, value: Optional[int]) -> None:
-        self._command.returncode = value
+        self._returncode = value
 
     @property
     def reason(self) -> Optional[str]:
@@ -154,25 +187,40 @@ class Popen:
     # -- waiting -----------------------------------------------------------
 
     def poll(self) -> Optional[int]:
-        """Take in what has arrived, without blocking; the returncode or None."""
+        """Take in what has arrived, without blocking; the returncode or None
+        (None too while another thread waits)."""
         command = self._command
-        if command.returncode is None:
-            if not command.finished:
-                command.pump(lambda: command.finished, time.monotonic())
-            command.raise_failure()
-        return command.returncode
+        if self._returncode is not None or not self._wait_lock.acquire(False):
+            return self._returncode
+        try:
+            if command.returncode is None:
+                if not command.finished:
+                    command.pump(lambda: command.finished, time.monotonic())
+                command.raise_failure()
+            self._returncode = command.returncode
+        finally:
+            self._wait_lock.release()
+        return self._returncode
 
     def wait(self, timeout: Optional[float] = None) -> int:
-        """Wait for the command to end (buffering its unread pipe output)."""
+        """Wait for the command to end (buffering its unread pipe output).
+        Any number of threads may wait at once."""
+        if self._returncode is not None:
+            return self._returncode
         command = self._command
-        if command.returncode is None:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            if not command.pump(lambda: command.finished, deadline):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._wait_lock.acquire(timeout=-1 if deadline is None else max(timeout or 0.0, 0.0)):
+            raise _timeout_expired(self.args, timeout)
+        try:
+            if command.returncode is None and not command.pump(lambda: command.finished, deadline):
                 raise _timeout_expired(self.args, timeout)
-        if command.returncode is None:
-            command.raise_failure()
-            raise ConnectionLost("the connection was given up")
-        return command.returncode
+            if command.returncode is None:
+                command.raise_failure()
+                raise ConnectionLost("the connection was given up")
+            self._returncode = command.returncode
+        finally:
+            self._wait_lock.release()
+        return self._returncode
 
     def communicate(
         self, input: Union[str, bytes, None] = None, timeout: Optional[float] = None
@@ -208,7 +256,12 @@ class Popen:
         if command.returncode is None:
             command.raise_failure()
             raise ConnectionLost("the connection was given up")
-        return self._collect(1, self.stdout), self._collect(2, self.stderr)
+        self._returncode = command.returncode
+        out, err = self._collect(1, self.stdout), self._collect(2, self.stderr)
+        for stream in (self.stdout, self.stderr):  # as subprocess: communicate() closes them
+            if stream is not None:
+                stream.close()
+        return out, err
 
     def _start_input(self, input: Union[str, bytes, None]) -> None:
         if self.stdin is None:
@@ -260,7 +313,7 @@ class Popen:
 
     def send_signal(self, sig: int) -> None:
         """Have the server send ``sig`` to the command's process group."""
-        if self.returncode is None:
+        if self._command.returncode is None:
             self._command.send_signal(sig)
 
     def terminate(self) -> None:
@@ -281,15 +334,17 @@ class Popen:
             self.stdout.close()
         if self.stderr is not None:
             self.stderr.close()
-        try:
+        try:  # as subprocess: flushing stdin may raise (BrokenPipeError)
             if self.stdin is not None:
-                self._close_stdin()
+                self.stdin.close()
         finally:
             self._exit_wait(exc_type)
 
     def _exit_wait(self, exc_type: Any) -> None:
         command = self._command
         if command.finished:
+            if self._returncode is None:
+                self._returncode = command.returncode  # None after a failure: nothing to wait for
             return
         if exc_type is KeyboardInterrupt:
             # The command has its own session, so it did not see the SIGINT:
