@@ -1,4 +1,4 @@
-"""The errand-boy wire protocol, version 1, without any I/O.
+"""The errand-boy wire protocol, version 1 (revision 2), without any I/O.
 
 Rule of this module: it never touches a socket, a pipe or a process. Both
 parsers are fed bytes as they arrive (any split, down to one byte at a
@@ -18,6 +18,11 @@ Parse errors raise :class:`~errand_boy.exceptions.RemoteProtocolError`
 with the error ``code`` the server answers with (``bad-request`` or
 ``too-large``); asking an encoder for something the protocol cannot carry
 raises :class:`~errand_boy.exceptions.LocalProtocolError`.
+
+Descriptors (revision 2) travel beside the bytes, not in them: a
+:class:`Request` says how many the client must have sent with its command
+block (:attr:`Request.fd_count`) and where each one goes in the command
+(:attr:`Request.fd_targets`); receiving them is the caller's business.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ from .exceptions import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "MAGIC",
+    "REVISION",
+    "MAX_PASS_FDS",
+    "MAX_FDS",
     "TERMINATOR",
     "DEFAULT_MAX_REQUEST_BYTES",
     "DEFAULT_MAX_FRAME_BYTES",
@@ -65,6 +73,14 @@ __all__ = [
 ]
 
 MAGIC = b"ERRAND/1 "
+#: The protocol's revision: 2 adds descriptors (``"fd"`` streams, ``pass_fds``).
+REVISION = 2
+#: The most ``pass_fds`` entries a request may have (the protocol asks for 16 at least).
+MAX_PASS_FDS = 64
+#: The most descriptors one request carries: stdin's, stdout's, stderr's and the pass_fds.
+MAX_FDS = 3 + MAX_PASS_FDS
+#: pass_fds numbers: above the standard streams, below select()'s FD_SETSIZE.
+PASS_FD_RANGE = range(3, 1024)
 TERMINATOR = b"\r\n\r\n"
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_MAX_FRAME_BYTES = 16 << 20
@@ -84,11 +100,14 @@ ERROR_CODES = (
 EXIT_REASONS = ("exit", "signal", "timeout")
 
 _STREAM_CHOICES = {
-    "stdin": ("pipe", "null"),
-    "stdout": ("pipe", "null"),
-    "stderr": ("pipe", "stdout", "null"),
+    "stdin": ("pipe", "null", "fd"),
+    "stdout": ("pipe", "null", "fd"),
+    "stderr": ("pipe", "stdout", "null", "fd"),
 }
-_RUN_MEMBERS = frozenset(("op", "cmd", "argv", "cwd", "env", "timeout", "stdin", "stdout", "stderr"))
+_STREAM_NUMBERS = (("stdin", 0), ("stdout", 1), ("stderr", 2))
+_RUN_MEMBERS = frozenset(
+    ("op", "cmd", "argv", "cwd", "env", "timeout", "stdin", "stdout", "stderr", "pass_fds")
+)
 _VERSION_PREFIX = re.compile(rb"ERRAND/[0-9]+ ")
 _HEADER = re.compile(rb"(.) (0|[1-9][0-9]*)\r\n", re.DOTALL)
 # kind, space, at most 19 digits, CR LF: longer is never a valid header.
@@ -115,6 +134,8 @@ class Request:
 
     Strings arrive as bytes, with ``\\udcXX`` escapes turned back into the
     bytes they stand for. ``simple`` tells which form the client used.
+    ``pass_fds`` are the numbers at which the command gets the extra
+    descriptors sent with the request.
     """
 
     op: str = "run"
@@ -127,6 +148,24 @@ class Request:
     stdout: str = "pipe"
     stderr: str = "pipe"
     simple: bool = False
+    pass_fds: Tuple[int, ...] = ()
+
+    @property
+    def fd_targets(self) -> Tuple[int, ...]:
+        """Where each descriptor sent with the request goes in the command.
+
+        One number per descriptor, in the order they travel: 0 when stdin
+        is ``"fd"``, 1 when stdout is, 2 when stderr is, then the
+        ``pass_fds`` in the array's order. (``"stderr": "stdout"`` takes no
+        descriptor of its own: it shares stdout's, whatever that is.)
+        """
+        streams = tuple(number for name, number in _STREAM_NUMBERS if getattr(self, name) == "fd")
+        return streams + self.pass_fds
+
+    @property
+    def fd_count(self) -> int:
+        """How many descriptors the client must send with this request."""
+        return len(self.fd_targets)
 
     def args(self) -> List[bytes]:
         """The argument vector to execute."""
@@ -296,11 +335,14 @@ def encode_request(
     stdin: str = "pipe",
     stdout: str = "pipe",
     stderr: str = "pipe",
+    pass_fds: Sequence[int] = (),
 ) -> bytes:
     """The command block of an extended-form ``run`` request.
 
     Exactly one of ``cmd`` (a shell command) and ``argv`` (a program and its
     arguments) is required. Members left at their defaults are not sent.
+    With ``"fd"`` streams or ``pass_fds``, the descriptors must travel with
+    the block, in the order :attr:`Request.fd_targets` gives.
     """
     if (cmd is None) == (argv is None):
         raise LocalProtocolError("exactly one of cmd and argv is required")
@@ -336,6 +378,14 @@ def encode_request(
             raise LocalProtocolError(f"{name} must be one of {_STREAM_CHOICES[name]}, not {value!r}")
         if value != "pipe":
             obj[name] = value
+    if isinstance(pass_fds, (str, bytes)) or not isinstance(pass_fds, Sequence):
+        raise LocalProtocolError("pass_fds must be a sequence of descriptor numbers")
+    if pass_fds:
+        pass_fds = list(pass_fds)
+        problem = _pass_fds_problem(pass_fds)
+        if problem:
+            raise LocalProtocolError(f"pass_fds {problem}")
+        obj["pass_fds"] = [int(n) for n in pass_fds]
     return MAGIC + _json_payload(obj) + TERMINATOR
 
 
@@ -664,7 +714,29 @@ def parse_extended_block(payload: bytes) -> Request:
         if value not in choices:
             raise RemoteProtocolError(f"member {name!r}: must be one of {', '.join(choices)}")
         streams[name] = value
-    return Request(cmd=cmd, argv=argv, cwd=cwd, env=env, timeout=timeout, **streams)
+    pass_fds: Tuple[int, ...] = ()
+    if "pass_fds" in obj:
+        problem = _pass_fds_problem(obj["pass_fds"])
+        if problem:
+            raise RemoteProtocolError(f"member 'pass_fds': {problem}")
+        pass_fds = tuple(obj["pass_fds"])
+    return Request(cmd=cmd, argv=argv, cwd=cwd, env=env, timeout=timeout, pass_fds=pass_fds, **streams)
+
+
+def _pass_fds_problem(value: Any) -> str:
+    """What is wrong with ``value`` as pass_fds ("" if nothing)."""
+    if not isinstance(value, (list, tuple)):
+        return "must be an array of descriptor numbers"
+    if len(value) > MAX_PASS_FDS:
+        return f"this server takes at most {MAX_PASS_FDS} descriptors, not {len(value)}"
+    for number in value:
+        if isinstance(number, bool) or not isinstance(number, int):
+            return f"{number!r} is not an integer"
+        if number not in PASS_FD_RANGE:
+            return f"{number} is not a descriptor number from 3 to 1023"
+    if len(set(value)) != len(value):
+        return "names a descriptor number twice"
+    return ""
 
 
 def _seconds(value: Any) -> Optional[float]:

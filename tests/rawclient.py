@@ -8,12 +8,13 @@ else (no I/O); :class:`RawClient` is a thin socket around it.
 
 from __future__ import annotations
 
+import array
 import json
 import re
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 TERMINATOR = b"\r\n\r\n"
 SERVER_KINDS = b"POEX!S"
@@ -166,6 +167,19 @@ class RawClient:
             self.send_failed = exc
             return False
 
+    def send_fds(self, data: bytes, fds: Sequence[int]) -> bool:
+        """Send ``data`` with ``fds`` in one SCM_RIGHTS message (the first
+        ``sendmsg`` carries them), the rest of it after; False as send() does."""
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        try:
+            sent = self.sock.sendmsg([data], ancillary)
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
+            return True
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            self.send_failed = exc
+            return False
+
     def shutdown_write(self) -> None:
         self.sock.shutdown(socket.SHUT_WR)
 
@@ -242,10 +256,21 @@ def simple(command: bytes, data: bytes = b"") -> bytes:
     return command + TERMINATOR + data + TERMINATOR
 
 
-def run(path: str, request: bytes, *, half_close: bool = False, timeout: float = 10.0) -> Reply:
-    """Send ``request``, optionally half-close, and read the whole reply."""
+def run(
+    path: str,
+    request: bytes,
+    *,
+    half_close: bool = False,
+    timeout: float = 10.0,
+    fds: Sequence[int] = (),
+) -> Reply:
+    """Send ``request`` (with ``fds``, if any, on its first bytes),
+    optionally half-close, and read the whole reply."""
     with RawClient(path, timeout) as client:
-        client.send(request)
+        if fds:
+            client.send_fds(request, fds)
+        else:
+            client.send(request)
         if half_close:
             try:
                 client.shutdown_write()

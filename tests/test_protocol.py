@@ -10,6 +10,7 @@ pieces, since how a payload is cut into pieces depends on the split.
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import signal
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -24,6 +25,8 @@ from errand_boy.protocol import (
     DEFAULT_MAX_REQUEST_BYTES,
     ERROR_CODES,
     MAGIC,
+    MAX_FDS,
+    MAX_PASS_FDS,
     MAX_SMALL_PAYLOAD,
     NEED_DATA,
     TERMINATOR,
@@ -1410,6 +1413,9 @@ nonempty_wire_text = wire_text.filter(lambda v: len(v) > 0)
 env_names = nonempty_wire_text.filter(lambda v: b"=" not in to_bytes(v))
 
 
+pass_fds_lists = st.lists(st.integers(min_value=3, max_value=1023), unique=True, max_size=MAX_PASS_FDS)
+
+
 @st.composite
 def run_requests(draw: Any) -> Tuple[Dict[str, Any], Request]:
     kwargs: Dict[str, Any] = {}
@@ -1435,12 +1441,15 @@ def run_requests(draw: Any) -> Tuple[Dict[str, Any], Request]:
         )
         expected["timeout"] = float(kwargs["timeout"])
     for name, choices in (
-        ("stdin", ("pipe", "null")),
-        ("stdout", ("pipe", "null")),
-        ("stderr", ("pipe", "stdout", "null")),
+        ("stdin", ("pipe", "null", "fd")),
+        ("stdout", ("pipe", "null", "fd")),
+        ("stderr", ("pipe", "stdout", "null", "fd")),
     ):
         if draw(st.booleans()):
             kwargs[name] = expected[name] = draw(st.sampled_from(choices))
+    if draw(st.booleans()):
+        kwargs["pass_fds"] = draw(pass_fds_lists)
+        expected["pass_fds"] = tuple(kwargs["pass_fds"])
     return kwargs, Request(**expected)
 
 
@@ -1566,3 +1575,180 @@ def test_replies_round_trip(reply: Tuple[bytes, List[Any]], trailing: bytes, eof
     data += trailing
     assert outcome(ReplyParser, draw_split(draw, data), eof, {}) == (normalise(expected), None)
     assert outcome(ReplyParser, split_bytewise(data), eof, {}) == (normalise(expected), None)
+
+
+# --------------------------------------------------------------------------
+# Descriptors (revision 2): "fd" streams and pass_fds
+
+FD_REQUESTS = [
+    (b'{"cmd":"x","stdin":"fd"}', Request(cmd=b"x", stdin="fd"), (0,)),
+    (b'{"cmd":"x","stdout":"fd"}', Request(cmd=b"x", stdout="fd"), (1,)),
+    (b'{"cmd":"x","stderr":"fd"}', Request(cmd=b"x", stderr="fd"), (2,)),
+    (b'{"cmd":"x","stdout":"fd","stderr":"stdout"}', Request(cmd=b"x", stdout="fd", stderr="stdout"), (1,)),
+    (
+        b'{"cmd":"x","stderr":"fd","stdin":"fd","stdout":"fd"}',
+        Request(cmd=b"x", stdin="fd", stdout="fd", stderr="fd"),
+        (0, 1, 2),
+    ),
+    (b'{"cmd":"x","pass_fds":[]}', Request(cmd=b"x"), ()),
+    (b'{"cmd":"x","pass_fds":[9,3,1023]}', Request(cmd=b"x", pass_fds=(9, 3, 1023)), (9, 3, 1023)),
+    (
+        b'{"argv":["cat"],"pass_fds":[5],"stdout":"fd","stdin":"null"}',
+        Request(argv=(b"cat",), stdin="null", stdout="fd", pass_fds=(5,)),
+        (1, 5),
+    ),
+    (
+        b'{"cmd":"x","pass_fds":[' + b",".join(b"%d" % n for n in range(100, 100 + MAX_PASS_FDS)) + b"]}",
+        Request(cmd=b"x", pass_fds=tuple(range(100, 100 + MAX_PASS_FDS))),
+        tuple(range(100, 100 + MAX_PASS_FDS)),
+    ),
+]
+
+
+@pytest.mark.parametrize(("payload", "request_", "targets"), FD_REQUESTS)
+def test_descriptor_members(
+    split: Split, payload: bytes, request_: Request, targets: Tuple[int, ...]
+) -> None:
+    assert request_events(extended(payload), split) == [request_]
+    # ... with the frames that follow the block as trailing data
+    tail = b"I 3\r\nabcK 2\r\n15I 0\r\n"
+    assert request_events(extended(payload) + tail, split, eof=True) == [
+        request_, Input(b"abc"), SignalRequest(15), EndOfInput(), EndOfStream(),
+    ]  # fmt: skip
+    assert request_.fd_targets == targets
+    assert request_.fd_count == len(targets)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        Request(cmd=b"x"),
+        Request(cmd=b"x", simple=True),
+        Request(op="status"),
+        Request(cmd=b"x", stdin="null", stderr="stdout"),
+    ],
+    ids=repr,
+)
+def test_requests_without_descriptors(request_: Request) -> None:
+    assert request_.fd_targets == ()
+    assert request_.fd_count == 0
+
+
+def test_simple_form_takes_no_descriptors(split: Split) -> None:
+    # The simple form cannot ask for any: its requests say so.
+    [request] = request_events(b"ls\r\n\r\n", split)[:1]
+    assert request.simple and request.fd_count == 0
+
+
+def test_the_limit_on_descriptors() -> None:
+    assert MAX_PASS_FDS >= 16  # what the protocol asks of every server
+    assert MAX_FDS == 3 + MAX_PASS_FDS
+    # One SCM_RIGHTS message carries at most 253 descriptors on Linux.
+    assert MAX_FDS <= 253
+
+
+BAD_PASS_FDS = [
+    b'"3"',
+    b"3",
+    b"null",
+    b"{}",
+    b'{"3":3}',
+    b"[[3]]",
+    b'["3"]',
+    b"[null]",
+    b"[true]",
+    b"[false]",
+    b"[3.0]",
+    b"[3.5]",
+    b"[1e1]",
+    b"[0]",
+    b"[1]",
+    b"[2]",
+    b"[-3]",
+    b"[1024]",
+    b"[99999999999999999999999]",
+    b"[3,3]",
+    b"[3,4,5,4]",
+    b"[" + b",".join(b"%d" % n for n in range(3, 4 + MAX_PASS_FDS)) + b"]",  # one too many
+]
+
+
+@pytest.mark.parametrize("value", BAD_PASS_FDS, ids=lambda v: repr(v[:30]))
+def test_bad_pass_fds_are_named(split: Split, value: bytes) -> None:
+    events, error = request_error(extended(b'{"cmd":"x","pass_fds":' + value + b"}"), split)
+    assert events == []
+    assert error.code == "bad-request"
+    assert "'pass_fds'" in error.message
+
+
+@pytest.mark.parametrize("value", [b"[]", b"[3]"])
+def test_status_takes_no_pass_fds(split: Split, value: bytes) -> None:
+    _, error = request_error(extended(b'{"op":"status","pass_fds":' + value + b"}"), split)
+    assert error.code == "bad-request" and "'pass_fds'" in error.message
+
+
+@pytest.mark.parametrize(
+    ("payload", "member"),
+    [
+        (b'{"cmd":"x","stdin":"FD"}', "stdin"),
+        (b'{"cmd":"x","stdout":"fds"}', "stdout"),
+        (b'{"cmd":"x","stderr":"Fd"}', "stderr"),
+        (b'{"cmd":"x","stdin":3}', "stdin"),
+        (b'{"cmd":"x","stdout":{"fd":1}}', "stdout"),
+        (b'{"cmd":"x","pass_fd":[3]}', "pass_fd"),
+        (b'{"cmd":"x","fds":[3]}', "fds"),
+    ],
+)
+def test_bad_descriptor_members_are_named(split: Split, payload: bytes, member: str) -> None:
+    events, error = request_error(extended(payload), split)
+    assert events == [] and error.code == "bad-request"
+    assert f"'{member}'" in error.message
+
+
+def test_encode_request_with_descriptors() -> None:
+    data = encode_request(cmd="x", stdin="fd", stdout="fd", stderr="stdout", pass_fds=[7, 3])
+    payload = b'{"cmd":"x","stdin":"fd","stdout":"fd","stderr":"stdout","pass_fds":[7,3]}'
+    assert data == MAGIC + payload + TERMINATOR
+    [request] = request_events(data, split_bytewise)
+    assert request.fd_targets == (0, 1, 7, 3)
+    assert encode_request(cmd="x", pass_fds=()) == b'ERRAND/1 {"cmd":"x"}\r\n\r\n'
+    assert encode_request(cmd="x", pass_fds=range(3, 5)).endswith(b'"pass_fds":[3,4]}\r\n\r\n')
+
+
+@pytest.mark.parametrize(
+    "pass_fds",
+    [[2], [1024], [3, 3], [True], [3.0], ["3"], "3", b"3", 3, None, list(range(3, 4 + MAX_PASS_FDS))],
+    ids=repr,
+)
+def test_encode_request_refuses_bad_pass_fds(pass_fds: Any) -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        encode_request(cmd="x", pass_fds=pass_fds)
+    assert "pass_fds" in str(info.value)
+
+
+pass_fds_values = st.one_of(
+    pass_fds_lists.map(list),
+    st.lists(
+        st.one_of(st.integers(-5, 1100), st.booleans(), st.floats(allow_nan=False), st.text(max_size=2))
+    ),
+    json_scalars,
+)
+
+
+@PROPERTY_SETTINGS
+@given(value=pass_fds_values, draw=st.data())
+def test_any_pass_fds_parse_or_are_named(value: Any, draw: Any) -> None:
+    data = extended(b'{"cmd":"x","pass_fds":' + json.dumps(value).encode() + b"}")
+    events, code = outcome(RequestParser, draw_split(draw, data), False, {})
+    valid = (
+        isinstance(value, list)
+        and len(value) <= MAX_PASS_FDS
+        and len(set(map(repr, value))) == len(value)
+        and all(type(n) is int and 3 <= n <= 1023 for n in value)
+    )
+    if valid:
+        assert code is None and events == [Request(cmd=b"x", pass_fds=tuple(value))]
+        assert events[0].fd_targets == tuple(value)
+    else:
+        assert code == "bad-request" and events == []
+    assert outcome(RequestParser, split_bytewise(data), False, {}) == (events, code)

@@ -12,6 +12,13 @@ already queued for the client are below ``HIGH_WATER`` (a paused pipe is
 taken out of the epoll set: masking it would let its end-of-file overtake
 queued data), and the client socket is read only while the input queued
 for the command's stdin is below ``HIGH_WATER``.
+
+Descriptors (revision 2) are taken with every read (``recvmsg``): those that
+arrive while the command block is incomplete belong to the request, and
+their number must be the one it asks for; any others are closed at once and
+make the request a ``bad-request``. Rule: a received descriptor is never
+kept beyond its request. Once the command started, failed to start, or the
+request was refused, :meth:`Connection.release_fds` has closed them all.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import signal
 import socket
 import termios
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .. import protocol
 from ..exceptions import RemoteProtocolError
@@ -56,6 +63,10 @@ _SPLICE = getattr(os, "splice", None)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 _SIGKILL = signal.SIGKILL
+#: Room for the most descriptors a request may carry; more is MSG_CTRUNC.
+ANCILLARY_SIZE = socket.CMSG_SPACE(protocol.MAX_FDS * array.array("i").itemsize)
+_MSG_CTRUNC = socket.MSG_CTRUNC
+_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
 
 
 class Connection(Flushable):
@@ -88,6 +99,7 @@ class Connection(Flushable):
         self.bytes_out = 0
         self.timers: List[Timer] = []
         self.drained = 0
+        self.fds: List[int] = []  # descriptors received with the command block
         self.loop.register(self.fd, self.sock_mask, self.on_socket)
         if worker.config.request_timeout:
             self.timers.append(self.loop.call_later(worker.config.request_timeout, self.on_request_timeout))
@@ -113,12 +125,14 @@ class Connection(Flushable):
 
     def read_client(self) -> None:
         try:
-            data = self.sock.recv(RECV_SIZE)
+            data, ancillary, flags, _ = self.sock.recvmsg(RECV_SIZE, ANCILLARY_SIZE, _RECV_FLAGS)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self.abort("the connection failed")
             return
+        if ancillary or flags & _MSG_CTRUNC:
+            self.take_fds(_received_fds(ancillary), flags & _MSG_CTRUNC)
         if self.state not in ("request", "running"):
             # The reply is decided: what the client still sends is dropped.
             self.drained += len(data)
@@ -133,6 +147,50 @@ class Connection(Flushable):
             self.set_socket_mask()
         self.parser.receive_data(data)
         self.process_events()
+
+    def take_fds(self, fds: List[int], truncated: int) -> None:
+        """Keep descriptors that came before the command block was complete."""
+        if self.state == "request" and self.parser.request is None:
+            self.fds += fds
+            if truncated or len(self.fds) > protocol.MAX_FDS:
+                self.fail(
+                    "bad-request",
+                    f"more descriptors arrived than the {protocol.MAX_FDS} this server takes with a "
+                    f"request (3 streams and at most {protocol.MAX_PASS_FDS} pass_fds)",
+                )
+            return
+        for fd in fds:
+            os.close(fd)
+        if self.state == "running":
+            self.fail("bad-request", "descriptors arrived after the command block; send them with it")
+
+    def fd_problem(self, request: protocol.Request) -> str:
+        """Why the descriptors that came with ``request`` do not fit it ("" if they do)."""
+        got, want = len(self.fds), request.fd_count
+        if got == want:
+            return ""
+        if request.simple:
+            return f"the simple form takes no descriptors, and {got} arrived with the command"
+        if request.op == "status":
+            return f"a status request takes no descriptors, and {got} arrived with it"
+        if not want:
+            return (
+                f"{got} descriptors arrived with a request that asks for none "
+                '(send them only for "fd" streams and pass_fds)'
+            )
+        return (
+            f"the request asks for {want} descriptors (its \"fd\" streams, then pass_fds) but {got} "
+            "arrived with the command block; send them all with it, in one sendmsg"
+        )
+
+    def release_fds(self) -> None:
+        """Close every descriptor the client sent (the command has its copies)."""
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                log.exception("cannot close descriptor %d received from the client", fd)
 
     def process_events(self) -> None:
         """Act on what the parser has, while a request or command is live."""
@@ -152,7 +210,11 @@ class Connection(Flushable):
                 self.stdin_queue += event.data
                 self.write_stdin()
         elif kind is protocol.Request:
-            self.start(event)
+            problem = self.fd_problem(event)
+            if problem:
+                self.fail("bad-request", problem)
+            else:
+                self.start(event)
         elif kind is protocol.EndOfInput or kind is protocol.EndOfStream:
             self.stdin_closing = True
             self.write_stdin()
@@ -213,7 +275,7 @@ class Connection(Flushable):
         self.cancel_timers()
         self.started = time.monotonic()
         try:
-            child = spawn(request, worker.config.rlimits)
+            child = spawn(request, worker.config.rlimits, self.fds)
         except SpawnError as exc:
             worker.release_place()
             extra: Dict[str, Any] = {"errno": exc.errno} if exc.errno is not None else {}
@@ -223,6 +285,8 @@ class Connection(Flushable):
             self.fail("spawn-failed", exc.message, **extra)
             worker.command_failed(self, exc.message)
             return
+        finally:
+            self.release_fds()  # the command has its own copies
         self.child = child
         self.pid = child.pid
         self.state = "running"
@@ -392,6 +456,7 @@ class Connection(Flushable):
 
     def fail(self, code: str, message: str, **extra: Any) -> None:
         """Answer with a `!` frame, then drain what the client still sends."""
+        self.release_fds()
         if self.state == "queued":
             self.worker.unqueue(self)
         elif self.state not in ("request", "running"):
@@ -560,6 +625,7 @@ class Connection(Flushable):
         if self.state == "closed":
             return
         self.state = "closed"
+        self.release_fds()
         self.splice_left = 0
         self.cancel_timers()
         self.close_pipes()
@@ -568,3 +634,12 @@ class Connection(Flushable):
         self.sock.close()
         self.out.clear()
         self.worker.connection_closed(self)
+
+
+def _received_fds(ancillary: List[Tuple[int, int, bytes]]) -> List[int]:
+    """The descriptors in a recvmsg's SCM_RIGHTS messages."""
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return fds.tolist()

@@ -1,9 +1,14 @@
-"""Starting a command: pipes, session, and the cheap spawn path.
+"""Starting a command: its descriptors, its session, and the cheap spawn path.
 
 Rule of this module: nothing here may force a full ``fork()`` of the
-worker. ``subprocess.Popen`` takes its vfork/posix_spawn path as long as no
-``preexec_fn``, user, group or umask change is asked for, so every command
-gets its own session through ``start_new_session`` and nothing else.
+worker, except ``--rlimit``, which needs code between fork and exec. A
+command starts with ``os.posix_spawn`` (glibc's is a ``vfork``-style
+clone): ``setsid`` in the attributes, every descriptor the command gets put
+in place by ``dup2`` file actions, and every other descriptor of the worker
+closed by exec (Python opens them all close-on-exec, and received
+descriptors come with ``MSG_CMSG_CLOEXEC``). ``subprocess`` stays the
+specification: the PATH search, the signals restored, and the errors
+(``errno``, ``strerror``, ``filename``) are the ones ``Popen`` would give.
 """
 
 from __future__ import annotations
@@ -12,18 +17,34 @@ import errno
 import fcntl
 import os
 import resource
+import signal
 import subprocess
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..protocol import Request
 
 #: (resource.RLIMIT_*, soft, hard) triples applied to every command.
 Rlimits = Sequence[Tuple[int, int, int]]
+#: (descriptor in the worker, number it gets in the command) pairs.
+Moves = List[Tuple[int, int]]
 
 #: Bigger pipes mean fewer wake-ups per megabyte when a command writes a lot.
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+#: Set back to their defaults in the command: the ones Python ignores
+#: (subprocess's restore_signals) and the worker's own (worker.WORKER_SIGNALS).
+SIGNALS_RESET = (
+    signal.SIGPIPE,
+    signal.SIGXFSZ,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGCHLD,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+_NOT_FOUND = (errno.ENOENT, errno.ENOTDIR)
 
 
 @dataclass
@@ -53,8 +74,85 @@ def _grow(fd: int) -> None:
         pass
 
 
-def spawn(request: Request, rlimits: Rlimits = ()) -> Child:
+_devnull_fd = -1  # the worker's /dev/null (read-write)
+_home_fd = -1  # the worker's own working directory (O_PATH)
+_prepared_pid = 0
+
+
+def _prepare() -> None:
+    """Once per process: open what every spawn uses, and mark every
+    descriptor above 2 close-on-exec.
+
+    Python opens its own descriptors close-on-exec; the sweep is for what the
+    server inherited (a shell's stray descriptors, say), which posix_spawn
+    would otherwise hand on to every command, where Popen's close_fds closed
+    them. (Opened here, not on first use, so that a worker's descriptor
+    count stays flat from its first command on.)
+    """
+    global _prepared_pid, _devnull_fd, _home_fd
+    if _prepared_pid == os.getpid():
+        return
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:  # (the listing's own descriptor, closed by now)
+                pass
+    _devnull_fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    _home_fd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    _prepared_pid = os.getpid()
+
+
+@dataclass
+class _Plan:
+    """Which descriptor the command gets at 0, 1, 2 and each pass_fds number."""
+
+    moves: Moves
+    child: Child  # (pid 0 until started)
+    give: List[int]  # the command's pipe ends: closed here once it started
+
+    def keep(self) -> List[int]:
+        return [fd for fd in (self.child.stdin, self.child.stdout, self.child.stderr) if fd is not None]
+
+
+def _plan(request: Request, fds: Sequence[int]) -> _Plan:
+    received = dict(zip(request.fd_targets, fds))
+    plan = _Plan([], Child(0, None, None, None), [])
+    try:
+        source: Dict[int, int] = {}
+        for number, name in enumerate(("stdin", "stdout", "stderr")):
+            how = getattr(request, name)
+            if how == "pipe":
+                r, w = os.pipe()
+                if number == 0:
+                    plan.give.append(r)
+                    plan.child.stdin, source[0] = w, r
+                else:
+                    _grow(r)
+                    plan.give.append(w)
+                    setattr(plan.child, name, r)
+                    source[number] = w
+            elif how == "fd":
+                source[number] = received[number]
+            elif how == "stdout":
+                source[number] = source[1]
+            else:
+                source[number] = _devnull_fd
+    except BaseException:
+        for fd in plan.give + plan.keep():
+            os.close(fd)
+        raise
+    plan.moves = [(source[n], n) for n in (0, 1, 2)]
+    plan.moves += [(received[n], n) for n in request.pass_fds]
+    return plan
+
+
+def spawn(request: Request, rlimits: Rlimits = (), fds: Sequence[int] = ()) -> Child:
     """Start ``request``'s command in a new session; raise SpawnError.
+
+    ``fds`` are the descriptors the client sent, in the request's order
+    (:attr:`Request.fd_targets`); the caller keeps them and closes them.
 
     ``rlimits`` are set in the child before exec, so the command never runs
     a single instruction without them. That takes a ``preexec_fn`` and so a
@@ -63,68 +161,171 @@ def spawn(request: Request, rlimits: Rlimits = ()) -> Child:
     after exec was tried: a command could run, and even print its limits,
     before they were in place.)
     """
-    keep = []  # our ends
-    give = []  # the child's ends, closed here once it has started
+    if len(fds) != request.fd_count:
+        raise ValueError(f"the request takes {request.fd_count} descriptors, not {len(fds)}")
+    _prepare()
     try:
-        stdin = stdout = stderr = None
-        child_in: int = subprocess.DEVNULL
-        child_out: int = subprocess.DEVNULL
-        child_err: int = subprocess.DEVNULL
-        if request.stdin == "pipe":
-            r, w = os.pipe()
-            give.append(r)
-            keep.append(w)
-            child_in, stdin = r, w
-        if request.stdout == "pipe":
-            r, w = os.pipe()
-            _grow(r)
-            give.append(w)
-            keep.append(r)
-            child_out, stdout = w, r
-        if request.stderr == "pipe":
-            r, w = os.pipe()
-            _grow(r)
-            give.append(w)
-            keep.append(r)
-            child_err, stderr = w, r
-        elif request.stderr == "stdout":
-            child_err = child_out
+        plan = _plan(request, fds)
+    except OSError as exc:
+        raise _spawn_error(exc, request) from exc
+    try:
+        start = _fork_exec if rlimits else _posix_spawn
+        pid = start(request, plan.moves, rlimits)
+    except OSError as exc:
+        for fd in plan.keep():
+            os.close(fd)
+        raise _spawn_error(exc, request) from exc
+    except (ValueError, subprocess.SubprocessError) as exc:
+        for fd in plan.keep():
+            os.close(fd)
+        raise SpawnError(None, str(exc), None) from exc
+    finally:
+        for fd in plan.give:
+            os.close(fd)
+    for fd in plan.keep():
+        os.set_blocking(fd, False)
+    plan.child.pid = pid
+    return plan.child
+
+
+# --------------------------------------------------------------------------
+# posix_spawn
+
+
+def _file_actions(moves: Moves) -> List[Tuple[int, ...]]:
+    """dup2 actions that put each source at its number, whatever collides.
+
+    A source that sits on one of the numbers being filled is first copied to
+    a number that is neither a source nor a target, or a dup2 before it
+    could overwrite it; the copies are closed at the end. (A dup2 action
+    also clears close-on-exec on its target, which a dup2 of a descriptor
+    onto itself would not.)
+    """
+    targets = {target for _, target in moves}
+    busy = targets | {source for source, _ in moves}
+    spare = (n for n in range(3, 1 << 20) if n not in busy)
+    actions: List[Tuple[int, ...]] = []
+    temps: List[int] = []
+    final = []
+    for source, target in moves:
+        if source in targets:
+            temp = next(spare)
+            actions.append((os.POSIX_SPAWN_DUP2, source, temp))
+            temps.append(temp)
+            source = temp
+        final.append((source, target))
+    actions += [(os.POSIX_SPAWN_DUP2, source, target) for source, target in final]
+    actions += [(os.POSIX_SPAWN_CLOSE, temp) for temp in temps]
+    return actions
+
+
+def _candidates(program: bytes, env: Optional[Mapping[bytes, bytes]]) -> List[bytes]:
+    """The paths subprocess would try for ``program`` (its PATH search)."""
+    if os.path.dirname(program):
+        return [program]
+    return [os.path.join(os.fsencode(d), program) for d in os.get_exec_path(env)]  # type: ignore[arg-type]
+
+
+def _posix_spawn(request: Request, moves: Moves, rlimits: Rlimits = ()) -> int:
+    args = request.args()
+    env: Mapping[bytes, bytes] = request.env if request.env is not None else os.environb
+    actions = _file_actions(moves)
+    with _working_directory(request.cwd):
+        candidates = _candidates(args[0], request.env)
+        first: Optional[int] = None  # subprocess reports the first error that is not "not found"
+        last = errno.ENOENT
+        for path in candidates:
+            if len(candidates) > 1:
+                try:
+                    os.stat(path)
+                except OSError as exc:
+                    if exc.errno in _NOT_FOUND:  # no spawn attempt needed to know
+                        last = exc.errno
+                        continue
+            try:
+                return os.posix_spawn(
+                    path, args, env, file_actions=actions, setsid=True, setsigdef=SIGNALS_RESET
+                )
+            except OSError as exc:
+                last = exc.errno or errno.EINVAL
+                if first is None and last not in _NOT_FOUND:
+                    first = last
+    code = first if first is not None else last
+    raise OSError(code, os.strerror(code), os.fsdecode(args[0]))
+
+
+class _working_directory:
+    """chdir into ``cwd`` for the spawn, then back (the worker is single-threaded)."""
+
+    def __init__(self, cwd: Optional[bytes]) -> None:
+        self.cwd = cwd
+
+    def __enter__(self) -> None:
+        if self.cwd is not None:
+            os.chdir(self.cwd)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cwd is not None:
+            os.fchdir(_home_fd)
+
+
+# --------------------------------------------------------------------------
+# fork and exec, for --rlimit
+
+
+def _fork_exec(request: Request, moves: Moves, rlimits: Rlimits) -> int:
+    """subprocess.Popen with a preexec_fn that places pass_fds and sets limits.
+
+    Popen keeps ``pass_fds`` at the numbers they have in the worker, and
+    wants each of them open there; the preexec function then puts the
+    client's descriptors at those numbers. Numbers not open in the worker
+    are held by placeholders meanwhile, so that nothing Popen opens (its
+    error pipe) can take one.
+    """
+    stdio = {target: source for source, target in moves if target < 3}
+    extra = [(source, target) for source, target in moves if target >= 3]
+    placeholders = []
+    try:
+        for _, target in extra:
+            try:
+                fcntl.fcntl(target, fcntl.F_GETFD)
+            except OSError:
+                os.dup2(_devnull_fd, target, inheritable=False)
+                placeholders.append(target)
         proc = subprocess.Popen(
             request.args(),
-            stdin=child_in,
-            stdout=child_out,
-            stderr=child_err,
+            stdin=stdio[0],
+            stdout=stdio[1],
+            stderr=stdio[2],
             cwd=request.cwd,
             env=request.env,
             start_new_session=True,
             close_fds=True,
-            preexec_fn=_limiter(rlimits) if rlimits else None,
+            pass_fds=[target for _, target in extra],
+            preexec_fn=_preexec(rlimits, extra),
         )
-    except OSError as exc:
-        for fd in keep:
-            os.close(fd)
-        raise _spawn_error(exc, request) from exc
-    except (ValueError, subprocess.SubprocessError) as exc:
-        for fd in keep:
-            os.close(fd)
-        raise SpawnError(None, str(exc), None) from exc
     finally:
-        for fd in give:
+        for fd in placeholders:
             os.close(fd)
     # The worker reaps with wait4(); telling Popen so keeps subprocess's
     # own clean-up list from ever calling waitpid() on this pid.
     proc.returncode = 0
-    for fd in keep:
-        os.set_blocking(fd, False)
-    return Child(proc.pid, stdin, stdout, stderr)
+    return proc.pid
 
 
-def _limiter(rlimits: Rlimits) -> Callable[[], None]:
-    def set_limits() -> None:  # in the child, between fork and exec
+def _preexec(rlimits: Rlimits, extra: Moves) -> Callable[[], None]:
+    def in_child() -> None:  # between fork and exec
+        # First copies at free numbers (none is a target: those are all
+        # open), then each to its target: no dup2 overwrites a source
+        # still to be placed.
+        temps = [fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, 3) for source, _ in extra]
+        for temp, (_, target) in zip(temps, extra):
+            os.dup2(temp, target)  # inheritable
+        # Limits last: a low RLIMIT_NOFILE must not stop the dup2s.
         for limit, soft, hard in rlimits:
             resource.setrlimit(limit, (soft, hard))
 
-    return set_limits
+    return in_child
 
 
 def _spawn_error(exc: OSError, request: Request) -> SpawnError:

@@ -27,6 +27,7 @@ from typing import Any, Deque, Dict, FrozenSet, Optional, Set, Tuple
 from setproctitle import setproctitle
 
 from .. import __version__
+from ..protocol import REVISION
 from . import scoreboard as sb
 from .connection import Connection
 from .logs import command_text, flush_summaries
@@ -226,7 +227,10 @@ class Worker:
 
     def status(self) -> Dict[str, Any]:
         figures = self.board.figures()
-        return {"pid": self.master_pid, "version": __version__, "protocol": 1, **figures}
+        # "protocol" is the version (ERRAND/1); "revision" says what of it we speak.
+        return {
+            "pid": self.master_pid, "version": __version__, "protocol": 1, "revision": REVISION, **figures
+        }
 
     # ------------------------------------------------------------------
     # commands
