@@ -341,10 +341,11 @@ def test_run_check_raises_called_process_error(transport: UNIXSocketTransport) -
     assert (error.output, error.stdout, error.stderr) == (b"out\n", b"out\n", b"err\n")
 
 
-def test_run_without_capture_writes_to_own_stdout(transport: UNIXSocketTransport, capsysbinary) -> None:
+def test_run_without_capture_inherits_our_descriptors(transport: UNIXSocketTransport, capfdbinary) -> None:
+    """As subprocess: the command writes to this process's own fds 1 and 2."""
     result = transport.run("echo to-stdout; echo to-stderr >&2")
     assert (result.stdout, result.stderr) == (None, None)
-    captured = capsysbinary.readouterr()
+    captured = capfdbinary.readouterr()
     assert captured.out == b"to-stdout\n"
     assert captured.err == b"to-stderr\n"
 
@@ -546,7 +547,9 @@ def test_interleaved_stdout_and_stderr_keep_their_bytes(transport: UNIXSocketTra
         "    sys.stdout.buffer.write(bytes([i]) * 100000); sys.stdout.flush()\n"
         "    sys.stderr.buffer.write(bytes([255 - i]) * 70000); sys.stderr.flush()\n"
     )
-    with transport.Popen([PYTHON, "-c", script]) as process:
+    # Frames: one connection carries both streams, so reading stdout alone
+    # cannot block the command (with real pipes it would, as in subprocess).
+    with transport.Popen([PYTHON, "-c", script], frames=True) as process:
         assert process.stdout is not None and process.stderr is not None
         chunks = []
         while True:
@@ -675,7 +678,7 @@ def test_garbage_from_the_server_raises_remote_protocol_error(fake_server) -> No
 def test_a_reset_after_the_last_frame_is_the_normal_end(fake_server) -> None:
     reply = started_frame(7) + frame(b"O", b"out") + exit_frame(0, "exit")
     path = fake_server(reply, read_request=False)
-    process, stdout, stderr = UNIXSocketTransport(path).run_cmd("anything", b"x" * 1000)
+    process, stdout, stderr = UNIXSocketTransport(path, frames=True).run_cmd("anything", b"x" * 1000)
     assert (process.returncode, stdout, stderr) == (0, b"out", b"")
 
 

@@ -66,18 +66,12 @@ _NO_EXECUTABLE = _DAEMON + "executable= is not supported (the server runs argv[0
 
 EXCLUDED: Dict[str, str] = {
     **dict.fromkeys(_EXECUTABLE_TESTS, _NO_EXECUTABLE),
-    "test_pipesizes": _DAEMON + "pipesize= is not supported (the pipes are the server's or the caller's)",
-    "test_pipesize_default": _DAEMON + "pipesize= is not supported",
     "test__use_vfork": "mocks subprocess's private _fork_exec, which a daemon's command never reaches",
     "test_repr": "mocks subprocess.Popen._execute_child, which the proxy does not have",
 }
 
 #: Tests that fail because of a difference from subprocess not fixed yet.
-DEVIATIONS: Dict[str, str] = {
-    "test_bufsize_equal_one_binary_mode": "stdin has no fileno()",
-    "test_bufsize_equal_one_text_mode": "stdin has no fileno()",
-    "test_poll": "stdin has no fileno()",
-}
+DEVIATIONS: Dict[str, str] = {}
 
 _SUBPROCESS_POPEN = subprocess.Popen
 _SUBPROCESS_RUN = subprocess.run
@@ -87,7 +81,7 @@ _POPEN_SIGNATURE = inspect.signature(subprocess.Popen.__init__)
 _LOCAL_ONLY = {
     "executable": None, "preexec_fn": None, "close_fds": True, "startupinfo": None, "creationflags": 0,
     "restore_signals": True, "start_new_session": False, "pass_fds": (), "user": None, "group": None,
-    "extra_groups": None, "umask": -1, "pipesize": -1, "process_group": None,
+    "extra_groups": None, "umask": -1, "process_group": None,
 }  # fmt: skip
 
 _socket_path = ""

@@ -9,10 +9,11 @@ protocol are made here, and shared with :mod:`errand_boy.aio`.
 
 from __future__ import annotations
 
+import array
 import errno
 import socket
 import threading
-from typing import Any, Iterable, Optional, cast
+from typing import Any, Iterable, Optional, Sequence, cast
 
 from .. import protocol
 from ..exceptions import ConnectionLost, RemoteProtocolError, ServerUnavailable
@@ -96,6 +97,18 @@ class _Connection:
             self.sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError) as exc:
             self.pending = _EMPTY
+            raise BrokenPipeError(errno.EPIPE, "the errand-boy server takes no more input") from exc
+
+    def send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
+        """Send ``data`` whole, the descriptors ``fds`` with its first bytes
+        (one SCM_RIGHTS message; the server takes them with the block)."""
+        self.set_timeout(None)
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        try:
+            sent = self.sock.sendmsg([data], rights)
+            if sent < len(data):
+                self.sock.sendall(memoryview(data)[sent:])
+        except (BrokenPipeError, ConnectionResetError) as exc:
             raise BrokenPipeError(errno.EPIPE, "the errand-boy server takes no more input") from exc
 
     def queue(self, data: bytes) -> None:

@@ -17,15 +17,33 @@ import time
 import types
 import warnings
 from subprocess import PIPE, TimeoutExpired
-from typing import IO, Any, Dict, Iterable, Mapping, Optional, Tuple, Union, cast
+from typing import IO, Any, Dict, Iterable, Mapping, Optional, Sequence, Set, Tuple, Union, cast
 
 from .. import protocol
 from ..defaults import resolve_socket_path
-from ..exceptions import ConnectionLost
+from ..exceptions import BadRequest, ConnectionLost, ErrandBoyError
+from . import _fds
 from ._args import _Args, _decode_text, _output_plan, _stdin_plan, _target, _text_mode
 from ._command import _Command
-from ._io import _BytesSource
+from ._exchange import PipeExchange
+from ._io import _BytesSource, _discard, _file_sink, _Sink
 from ._streams import _reader, _writer
+
+#: Socket paths whose server answered a descriptor request as revision 1 does.
+_REVISION_ONE: Set[str] = set()
+
+
+def _speaks_revision_one(path: str, trusted_uids: Any, error: BadRequest) -> bool:
+    """Whether ``error`` came from a server without descriptors (revision 1):
+    its status says so (a revision-2 server reports ``"revision": 2``)."""
+    command = _Command({1: _discard, 2: _discard})
+    try:
+        command.start(path, protocol.encode_status_request(), trusted_uids)
+    except (ErrandBoyError, OSError):
+        return False
+    revision = (command.status or {}).get("revision", 1)
+    return not isinstance(revision, int) or revision < 2
+
 
 #: Input up to this size travels in the same send as the request: the socket
 #: buffers take it whole, so it cannot block while output waits unread.
@@ -86,8 +104,12 @@ class Popen:
         shell: Optional[bool] = None,
         bufsize: Optional[int] = -1,
         close_fds: bool = True,
+        pass_fds: Sequence[int] = (),
+        pipesize: int = -1,
         socket_path: Optional[str] = None,
         trusted_uids: Optional[Iterable[int]] = None,
+        server_env: bool = False,
+        frames: bool = False,
         _input: Union[str, bytes, None] = None,
     ) -> None:
         self.args = args
@@ -107,13 +129,85 @@ class Popen:
             )
             bufsize = -1
         self._communication_started = False
+        self._exchange: Optional[PipeExchange] = None
+        self._fd_mode = False
+        self._pipe_input = b""
+        path = resolve_socket_path(socket_path)
+        target = _target(args, shell)
+        if not server_env:
+            cwd = _fds.caller_cwd() if cwd is None else cwd
+        common = {"target": target, "cwd": cwd, "env": env, "timeout": timeout, "server_env": server_env}
+        plan = (
+            None
+            if frames or path in _REVISION_ONE
+            else _fds.plan_streams(stdin, stdout, stderr, pass_fds, pipesize)
+        )
+        if plan is None and pass_fds:
+            raise ValueError(
+                "pass_fds needs descriptors, which travel only without frames=True, to a server of "
+                "protocol revision 2, and with a stdin that has a fileno()"
+            )
+        if plan is not None:
+            try:
+                self._start_with_fds(
+                    plan, (stdout, stderr), path, trusted_uids, common, bufsize, encoding, errors, _input
+                )
+                return
+            except BadRequest as exc:
+                if pass_fds or not _speaks_revision_one(path, trusted_uids, exc):
+                    raise
+                _REVISION_ONE.add(path)  # a revision-1 server: frames from now on
+        self._start_with_frames(
+            stdin, stdout, stderr, path, trusted_uids, common, bufsize, encoding, errors, _input
+        )
+
+    def _request(self, wire: Dict[str, str], pass_fds: Sequence[int], common: Dict[str, Any]) -> bytes:
+        request = protocol.encode_request(
+            **common["target"], cwd=common["cwd"], env=common["env"], timeout=common["timeout"],
+            pass_fds=pass_fds, **wire,
+        )  # fmt: skip
+        if common["env"] is None and not common["server_env"]:
+            request = _fds.with_member(request, _fds.environment_member())
+        return request
+
+    def _start_with_fds(
+        self, plan: _fds.StreamPlan, outputs: Tuple[Any, Any], path: str, trusted_uids: Any,
+        common: Dict[str, Any], bufsize: int, encoding: Optional[str], errors: Optional[str], input: Union[str, bytes, None],
+    ) -> None:  # fmt: skip
+        """Revision 2: the streams are descriptors sent with the request."""
+        sinks: Dict[int, Optional[_Sink]] = {1: _discard, 2: _discard}
+        for number, name in ((1, "stdout"), (2, "stderr")):
+            if plan.wire[name] == "pipe":  # a writer without fileno(): its output comes in frames
+                sinks[number] = _file_sink(outputs[number - 1])
+        self._fd_mode = True
+        self._command = _Command(sinks)
+        try:
+            request = self._request(plan.wire, plan.pass_fds, common)
+            try:
+                self._command.start(path, request, trusted_uids, plan.send)
+            finally:
+                plan.close_theirs()
+        except BaseException:
+            plan.close_all()
+            raise
+        self.stdin, self.stdout, self.stderr = _fds.local_files(
+            plan, bufsize, self.text_mode, encoding, errors
+        )
+        if input is not None and self.stdin is not None:
+            self._communication_started = True
+            self._pipe_input = self._encode_input(input)
+
+    def _start_with_frames(
+        self, stdin: Any, stdout: Any, stderr: Any, path: str, trusted_uids: Any, common: Dict[str, Any],
+        bufsize: int, encoding: Optional[str], errors: Optional[str], _input: Union[str, bytes, None],
+    ) -> None:  # fmt: skip
+        """Revision 1: the streams' data travels in frames over the socket."""
         wire_stdin, source = _stdin_plan(stdin)
         wire_stdout, out_sink = _output_plan(stdout, 1)
         wire_stderr, err_sink = _output_plan(stderr, 2)
-        request = protocol.encode_request(
-            **_target(args, shell), cwd=cwd, env=env, timeout=timeout,
-            stdin=wire_stdin, stdout=wire_stdout, stderr=wire_stderr,
-        )  # fmt: skip
+        request = self._request(
+            {"stdin": wire_stdin, "stdout": wire_stdout, "stderr": wire_stderr}, (), common
+        )
         self._command = command = _Command({1: out_sink, 2: err_sink})
         if stdin is PIPE:
             self.stdin = _writer(command, bufsize, self.text_mode, encoding, errors)
@@ -125,7 +219,7 @@ class Popen:
             command.set_source(source)
         elif _input is not None and self.stdin is not None:
             request += self._take_early_input(_input)
-        command.start(resolve_socket_path(socket_path), request, trusted_uids)
+        command.start(path, request, trusted_uids)
         if command.input_ended and self.stdin is not None:
             self.stdin.close()  # sends nothing more: the input went with the request
 
@@ -243,6 +337,8 @@ class Popen:
     def _communicate_bytes(
         self, input: Union[str, bytes, None], deadline: Optional[float], timeout: Optional[float]
     ) -> Tuple[Optional[bytes], Optional[bytes]]:
+        if self._fd_mode:
+            return self._communicate_pipes(input, deadline, timeout)
         command = self._command
         if not self._communication_started:
             self._start_input(input)
@@ -262,6 +358,24 @@ class Popen:
             if stream is not None:
                 stream.close()
         return out, err
+
+    def _communicate_pipes(
+        self, input: Union[str, bytes, None], deadline: Optional[float], timeout: Optional[float]
+    ) -> Tuple[Optional[bytes], Optional[bytes]]:
+        """communicate() over the real pipes (and the socket, for X)."""
+        exchange = self._exchange
+        if exchange is None:
+            data = self._encode_input(input) if input and self.stdin is not None else self._pipe_input
+            files = {0: self.stdin, 1: self.stdout, 2: self.stderr}
+            exchange = self._exchange = PipeExchange(self._command, files, data)
+        if not exchange.run(deadline):
+            raise _timeout_expired(self.args, timeout, exchange.so_far(1), exchange.so_far(2))
+        command = self._command
+        if command.returncode is None:
+            command.raise_failure()
+            raise ConnectionLost("the connection was given up")
+        self._returncode = command.returncode
+        return exchange.collected(1), exchange.collected(2)
 
     def _start_input(self, input: Union[str, bytes, None]) -> None:
         if self.stdin is None:

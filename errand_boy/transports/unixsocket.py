@@ -45,12 +45,25 @@ class UNIXSocketTransport:
     ``trusted_uids`` (default: ``$ERRAND_BOY_TRUSTED_UIDS``, read at each
     connection); anything else raises
     :class:`~errand_boy.exceptions.UntrustedServer`.
+
+    Commands run in this process's working directory and environment, as
+    subprocess's children do, unless ``server_env=True`` (the server's own:
+    for a sidecar whose directories differ from ours). Streams travel as
+    descriptors (protocol revision 2) unless ``frames=True`` (all data in
+    frames over the socket: for a socket forwarded from another host).
     """
 
     def __init__(
-        self, socket_path: Optional[str] = None, *, trusted_uids: Optional[Iterable[int]] = None
+        self,
+        socket_path: Optional[str] = None,
+        *,
+        trusted_uids: Optional[Iterable[int]] = None,
+        server_env: bool = False,
+        frames: bool = False,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
+        self.server_env = server_env
+        self.frames = frames
         self.trusted_uids: Optional[FrozenSet[int]] = None
         if trusted_uids is not None:
             self.trusted_uids = _client().trusted_uids_from(trusted_uids)
@@ -60,6 +73,10 @@ class UNIXSocketTransport:
 
     def _options(self, options: Dict[str, Any]) -> Dict[str, Any]:
         options.setdefault("trusted_uids", self.trusted_uids)
+        if self.server_env:
+            options.setdefault("server_env", True)
+        if self.frames:
+            options.setdefault("frames", True)
         return options
 
     def Popen(self, args: Any, **options: Any) -> client.Popen:
