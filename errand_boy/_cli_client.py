@@ -31,12 +31,20 @@ def run_command_line(
     cwd: Optional[str],
     pass_stdin: bool,
     trusted_uids: Optional[Iterable[int]] = None,
+    server_env: bool = False,
+    frames: bool = False,
 ) -> int:
     """Run ``command`` through the server; return the exit status to exit with.
 
     ``trusted_uids`` (``--trust-uid``; default ``$ERRAND_BOY_TRUSTED_UIDS``)
     names the users besides root and our own whose server we talk to; any
     other server is refused before a byte is sent (exit status 125).
+
+    The command gets this process's own descriptors 0 (unless
+    ``pass_stdin`` is false: then /dev/null), 1 and 2, so it sees the
+    terminal, and runs in this process's working directory and environment
+    unless ``server_env`` (``--server-env``). ``frames`` (``--frames``)
+    relays its input and output through the socket instead.
     """
     socket_path = resolve_socket_path(socket_path)
     process: Optional[Popen] = None
@@ -44,6 +52,7 @@ def run_command_line(
         process = Popen(
             command, stdin=0 if pass_stdin else DEVNULL, stdout=None, stderr=None,
             cwd=cwd, timeout=timeout, socket_path=socket_path, trusted_uids=trusted_uids,
+            server_env=server_env, frames=frames,
         )  # fmt: skip
         returncode = _wait(process)
     except ErrandBoyError as exc:

@@ -172,14 +172,14 @@ class Popen:
 
     def _start_with_fds(
         self, plan: _fds.StreamPlan, outputs: Tuple[Any, Any], path: str, trusted_uids: Any,
-        common: Dict[str, Any], bufsize: int, encoding: Optional[str], errors: Optional[str], input: Union[str, bytes, None],
+        common: Dict[str, Any], bufsize: int, encoding: Optional[str], errors: Optional[str],
+        input: Union[str, bytes, None],
     ) -> None:  # fmt: skip
         """Revision 2: the streams are descriptors sent with the request."""
         sinks: Dict[int, Optional[_Sink]] = {1: _discard, 2: _discard}
         for number, name in ((1, "stdout"), (2, "stderr")):
             if plan.wire[name] == "pipe":  # a writer without fileno(): its output comes in frames
                 sinks[number] = _file_sink(outputs[number - 1])
-        self._fd_mode = True
         self._command = _Command(sinks)
         try:
             request = self._request(plan.wire, plan.pass_fds, common)
@@ -190,6 +190,7 @@ class Popen:
         except BaseException:
             plan.close_all()
             raise
+        self._fd_mode = True
         self.stdin, self.stdout, self.stderr = _fds.local_files(
             plan, bufsize, self.text_mode, encoding, errors
         )
