@@ -23,7 +23,7 @@ from typing import Iterator, List
 import pytest
 
 from errand_boy import client, protocol
-from errand_boy.client import popen as popen_module
+from errand_boy.client import _launch as launch_module
 from errand_boy.transports.unixsocket import UNIXSocketTransport
 
 pytestmark = pytest.mark.integration
@@ -212,21 +212,21 @@ def revision_one_server(sock_dir: str) -> Iterator[str]:
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    popen_module._REVISION_ONE.discard(path)
+    launch_module._REVISION_ONE.discard(path)
     try:
         yield path
     finally:
         listener.shutdown(socket.SHUT_RDWR)
         listener.close()
         thread.join(5)
-        popen_module._REVISION_ONE.discard(path)
+        launch_module._REVISION_ONE.discard(path)
 
 
 def test_a_revision_one_server_gets_frames(revision_one_server: str) -> None:
     transport = UNIXSocketTransport(revision_one_server)
     process, stdout, _ = transport.run_cmd("cat", input=b"abc")
     assert (process.returncode, stdout) == (0, b"abc")
-    assert revision_one_server in popen_module._REVISION_ONE  # asked once, remembered
+    assert revision_one_server in launch_module._REVISION_ONE  # asked once, remembered
     assert transport.run_cmd("cat", input=b"xyz")[1] == b"xyz"
     with pytest.raises(client.BadRequest if hasattr(client, "BadRequest") else Exception):
         transport.Popen("cat", pass_fds=[5])

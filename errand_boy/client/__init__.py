@@ -117,10 +117,10 @@ from ._io import INPUT_FRAME_SIZE as INPUT_FRAME_SIZE
 from ._io import _BytesSource as _BytesSource
 from ._io import _discard as _discard
 from ._io import _Source as _Source
+from ._launch import EARLY_INPUT_LIMIT as EARLY_INPUT_LIMIT
 from ._trust import TRUSTED_UIDS_ENV as TRUSTED_UIDS_ENV
 from ._trust import check_server as check_server
 from ._trust import trusted_uids_from as trusted_uids_from
-from .popen import EARLY_INPUT_LIMIT as EARLY_INPUT_LIMIT
 from .popen import Popen as Popen
 from .popen import _timeout_expired as _timeout_expired
 
