@@ -82,8 +82,10 @@ The API copies :mod:`asyncio.subprocess`. These are all the differences:
 
 from __future__ import annotations
 
+import array
 import asyncio
 import errno
+import functools
 import locale
 import os
 import signal
@@ -99,6 +101,7 @@ from typing import (
     List,
     Mapping,
     Optional,
+    Sequence,
     Set,
     Tuple,
     Union,
@@ -106,8 +109,10 @@ from typing import (
 )  # fmt: skip
 
 from . import client, protocol
+from .client import _fds, _launch
 from .defaults import resolve_socket_path
 from .exceptions import (
+    BadRequest,
     ConnectionLost,
     ErrandBoyError,
     RemoteProtocolError,
@@ -256,6 +261,24 @@ class _Sender:
             self._loop.add_writer(self._sock.fileno(), self._on_writable)
         self._pending += data
 
+    def write_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
+        """The request with its descriptors (one SCM_RIGHTS message with its
+        first bytes: the connection is fresh, so the send takes them now)."""
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        try:
+            sent = self._sock.sendmsg([data], rights)
+        except BlockingIOError:  # never on a fresh connection; then wait for it once
+            self._sock.setblocking(True)
+            try:
+                sent = self._sock.sendmsg([data], rights)
+            finally:
+                self._sock.setblocking(False)
+        except OSError:
+            self._break()
+            return
+        if sent < len(data):
+            self.write(data[sent:])
+
     def _on_writable(self) -> None:
         try:
             sent = self._sock.send(self._pending)
@@ -311,6 +334,37 @@ class _Sender:
 
 # --------------------------------------------------------------------------
 # The standard input stream
+
+
+class _PipeReaderProtocol(asyncio.StreamReaderProtocol):
+    """The protocol under a StreamReader over a pipe; ``closed`` is done once
+    the pipe reached its end (or was closed), as wait() awaits in asyncio."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        super().connection_lost(exc)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class _PipeWriterProtocol(asyncio.streams.FlowControlMixin):
+    """The protocol under a StreamWriter over a pipe (as asyncio.subprocess
+    has one): flow control, and a waiter for wait_closed()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        super().connection_lost(exc)
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def _get_close_waiter(self, stream: Any) -> asyncio.Future[None]:
+        return self._closed
 
 
 class StdinWriter:
@@ -395,7 +449,12 @@ class Process:
         self.args = args
         self._trusted_uids = trusted_uids
         self.pid: Optional[int] = None
-        self.stdin: Optional[StdinWriter] = None
+        self.stdin: Any = None  # asyncio.StreamWriter over a pipe, or a StdinWriter (frames)
+        self._early_input: Optional[bytes] = None
+        self._pipe_stdin: Optional[asyncio.StreamWriter] = None
+        self._pipes: List[asyncio.BaseTransport] = []  # over our pipe ends
+        self._pipes_closed: List[asyncio.Future[None]] = []
+        self._framed: List[asyncio.StreamReader] = []  # streams fed from O/E frames
         self.stdout: Optional[asyncio.StreamReader] = None
         self.stderr: Optional[asyncio.StreamReader] = None
         self._returncode: Optional[int] = None
@@ -418,6 +477,7 @@ class Process:
             if sink is None:
                 stream = asyncio.StreamReader(limit=limit)
                 stream.set_transport(_Valve(self._flowing, paused, fd))
+                self._framed.append(stream)
                 sink = stream.feed_data
                 if fd == 1:
                     self.stdout = stream
@@ -440,7 +500,7 @@ class Process:
 
     # -- starting ----------------------------------------------------------
 
-    async def _start(self, request: bytes, source: Optional[client._Source]) -> None:
+    async def _start(self, request: bytes, source: Optional[client._Source], fds: Sequence[int] = ()) -> None:
         """Connect, send the request, and return once the command started."""
         # A bad setting fails before connecting.
         self._trusted_uids = client.trusted_uids_from(self._trusted_uids)
@@ -455,7 +515,10 @@ class Process:
             writer.transport.abort()
             raise
         self._writer = writer
-        self._sender.write(request)
+        if fds:
+            self._sender.write_with_fds(request, fds)
+        else:
+            self._sender.write(request)
         self._spawn_task(self._read_reply(reader, writer))
         try:
             await self._started.wait()
@@ -540,9 +603,12 @@ class Process:
         if self._finished.is_set():
             return
         self._error = error
-        for stream in (self.stdout, self.stderr):
-            if stream is not None:
-                stream.feed_eof()
+        for stream in self._framed:
+            stream.feed_eof()
+        if self._pipe_stdin is not None:
+            # The command is over: its stdin pipe has no reader to wait for
+            # (asyncio closes it with the process's transport too).
+            self._pipe_stdin.close()
         self._flowing.set()
         self._started.set()
         self._finished.set()
@@ -557,6 +623,8 @@ class Process:
             if self.pid is not None and self._returncode is None:
                 self._returncode, self.reason = -signal.SIGKILL, "signal"
             self._finish(None)
+            for pipe in self._pipes:  # the command is killed: its output is not wanted
+                pipe.close()
         for task in self._tasks:
             task.cancel()
         await self._settle()
@@ -623,6 +691,8 @@ class Process:
         try:
             await self._finished.wait()
             await self._settle()
+            for closed in self._pipes_closed:  # as asyncio: the pipes' end too
+                await asyncio.shield(closed)
         except BaseException:
             await self._abandon()
             raise
@@ -651,13 +721,41 @@ class Process:
     async def _feed_stdin(self, input: Optional[bytes]) -> None:
         if self.stdin is None:
             return  # as asyncio: input for a stdin that is not a PIPE is ignored
+        if input is None:
+            input, self._early_input = self._early_input, None
         try:
             if input:
                 self.stdin.write(input)
                 await self.stdin.drain()
-        except BrokenPipeError:
+        except (BrokenPipeError, ConnectionResetError):
             pass  # the command does not read its input
         self.stdin.close()
+
+    async def _connect_pipes(self, plan: _fds.StreamPlan, limit: int) -> None:
+        """Stream objects over our ends of the pipes, as asyncio makes them."""
+        loop = asyncio.get_running_loop()
+        for number in (1, 2):
+            fd = plan.ours.pop(number, None)
+            if fd is not None:
+                reader = asyncio.StreamReader(limit=limit)
+                pipe = open(fd, "rb", buffering=0)  # noqa: SIM115 (the transport closes it)
+                transport, reading = await loop.connect_read_pipe(
+                    functools.partial(_PipeReaderProtocol, reader), pipe
+                )
+                self._pipes.append(transport)
+                self._pipes_closed.append(reading.closed)
+                if number == 1:
+                    self.stdout = reader
+                else:
+                    self.stderr = reader
+        fd = plan.ours.pop(0, None)
+        if fd is not None:
+            pipe = open(fd, "wb", buffering=0)  # noqa: SIM115 (the transport closes it)
+            writing, flow = await loop.connect_write_pipe(_PipeWriterProtocol, pipe)
+            self._pipes.append(writing)
+            self.stdin = self._pipe_stdin = asyncio.StreamWriter(writing, flow, None, loop)
+            if self._finished.is_set():
+                self._pipe_stdin.close()
 
     # -- signals -----------------------------------------------------------
 
@@ -700,15 +798,34 @@ async def _create(
     socket_path: Optional[str],
     trusted_uids: Optional[Iterable[int]] = None,
     early_input: Optional[bytes] = None,
+    pass_fds: Sequence[int] = (),
+    server_env: bool = False,
+    frames: bool = False,
 ) -> Process:
+    path = resolve_socket_path(socket_path)
+    common = _launch.run_options(target, cwd, env, timeout, server_env)
+    plan = None
+    if not frames and path not in _launch._REVISION_ONE:
+        plan = _fds.plan_streams(stdin, stdout, stderr, pass_fds)
+    if plan is None and pass_fds:
+        raise ValueError(
+            "pass_fds needs descriptors: not with frames=True, a revision-1 server, "
+            "or a stdin without fileno()"
+        )
+    if plan is not None:
+        try:
+            outputs = (stdout, stderr)
+            return await _create_with_fds(args, plan, outputs, path, common, limit, trusted_uids, early_input)
+        except BadRequest:
+            if pass_fds or not await _revision_one(path, trusted_uids):
+                raise
+            _launch._REVISION_ONE.add(path)  # a revision-1 server: frames from now on
     wire_stdin, source = client._stdin_plan(stdin)
     wire_stdout, out_sink = client._output_plan(stdout, 1)
     wire_stderr, err_sink = client._output_plan(stderr, 2)
-    request = protocol.encode_request(
-        **target, cwd=cwd, env=env, timeout=timeout,
-        stdin=wire_stdin, stdout=wire_stdout, stderr=wire_stderr,
-    )  # fmt: skip
-    process = Process(args, resolve_socket_path(socket_path), {1: out_sink, 2: err_sink}, limit, trusted_uids)
+    wire = {"stdin": wire_stdin, "stdout": wire_stdout, "stderr": wire_stderr}
+    request = _launch.run_request(wire, (), common)
+    process = Process(args, path, {1: out_sink, 2: err_sink}, limit, trusted_uids)
     if early_input is not None:
         # The caller's whole input (run, run_cmd): no stdin stream. Small
         # input goes in the same send as the request.
@@ -724,6 +841,56 @@ async def _create(
     return process
 
 
+async def _create_with_fds(
+    args: Any, plan: _fds.StreamPlan, outputs: Tuple[Any, Any], path: str, common: Dict[str, Any],
+    limit: int, trusted_uids: Optional[Iterable[int]], early_input: Optional[bytes],
+) -> Process:  # fmt: skip
+    """Revision 2: the streams are descriptors sent with the request."""
+    sinks: Dict[int, Optional[_Sink]] = {1: client._discard, 2: client._discard}
+    for number, name in ((1, "stdout"), (2, "stderr")):
+        if plan.wire[name] == "pipe":  # a writer without fileno(): its output comes in frames
+            sinks[number] = _fds_file_sink(outputs[number - 1])
+    request = _launch.run_request(plan.wire, plan.pass_fds, common)
+    process = Process(args, path, sinks, limit, trusted_uids)
+    try:
+        try:
+            await process._start(request, None, plan.send)
+        finally:
+            plan.close_theirs()
+        await process._connect_pipes(plan, limit)
+    except BaseException:
+        plan.close_all()
+        raise
+    process._early_input = early_input
+    return process
+
+
+def _fds_file_sink(target: Any) -> _Sink:
+    from .client._io import _file_sink
+
+    return _file_sink(target)
+
+
+async def _revision_one(path: str, trusted_uids: Optional[Iterable[int]]) -> bool:
+    """Whether the server speaks protocol revision 1 (no descriptors)."""
+    try:
+        info = await status(path, trusted_uids=trusted_uids)
+    except (ErrandBoyError, OSError):
+        return False
+    revision = info.get("revision", 1)
+    return not isinstance(revision, int) or revision < 2
+
+
+def _refuse_text(kwds: Dict[str, Any]) -> None:
+    """asyncio's rule: its streams are bytes; other keywords are unknown."""
+    rules = (("universal_newlines", False), ("text", False), ("encoding", None), ("errors", None))
+    for name, allowed in rules:
+        if name in kwds and kwds.pop(name) not in (allowed, None):
+            raise ValueError(f"{name} must be {allowed}")
+    if kwds:
+        raise TypeError(f"unexpected keyword argument {next(iter(kwds))!r}")
+
+
 async def create_subprocess_shell(
     cmd: Union[str, bytes],
     stdin: Any = PIPE,
@@ -736,17 +903,23 @@ async def create_subprocess_shell(
     timeout: Optional[float] = None,
     socket_path: Optional[str] = None,
     trusted_uids: Optional[Iterable[int]] = None,
+    pass_fds: Sequence[int] = (),
+    server_env: bool = False,
+    frames: bool = False,
+    **kwds: Any,
 ) -> Process:
     """Run the shell command ``cmd`` (``/bin/sh -c cmd``) in the server.
 
     As :func:`asyncio.create_subprocess_shell`; returns once the command has
     started. ``timeout``, ``socket_path`` and ``trusted_uids`` are extensions.
     """
+    _refuse_text(kwds)
     if not isinstance(cmd, (str, bytes)):
         raise TypeError(f"cmd must be str or bytes, not {type(cmd).__name__}")
     return await _create(
         cmd, {"cmd": cmd}, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
         timeout=timeout, limit=limit, socket_path=socket_path, trusted_uids=trusted_uids,
+        pass_fds=pass_fds, server_env=server_env, frames=frames,
     )  # fmt: skip
 
 
@@ -762,16 +935,22 @@ async def create_subprocess_exec(
     timeout: Optional[float] = None,
     socket_path: Optional[str] = None,
     trusted_uids: Optional[Iterable[int]] = None,
+    pass_fds: Sequence[int] = (),
+    server_env: bool = False,
+    frames: bool = False,
+    **kwds: Any,
 ) -> Process:
     """Run ``program`` with ``args`` (no shell) in the server.
 
     As :func:`asyncio.create_subprocess_exec`; returns once the command has
     started. ``timeout``, ``socket_path`` and ``trusted_uids`` are extensions.
     """
+    _refuse_text(kwds)
     argv = [program, *args]
     return await _create(
         argv, {"argv": argv}, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
         timeout=timeout, limit=limit, socket_path=socket_path, trusted_uids=trusted_uids,
+        pass_fds=pass_fds, server_env=server_env, frames=frames,
     )  # fmt: skip
 
 
@@ -791,6 +970,8 @@ async def run_cmd(
     cwd: Any = None,
     env: Optional[Mapping[Any, Any]] = None,
     timeout: Optional[float] = None,
+    server_env: bool = False,
+    frames: bool = False,
 ) -> Tuple[Process, Any, Any]:
     """Run ``cmd`` with ``input``; return ``(process, stdout, stderr)``.
 
@@ -803,7 +984,7 @@ async def run_cmd(
     process = await _create(
         cmd, client._target(cmd, shell), stdin=PIPE, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
         timeout=timeout, limit=DEFAULT_LIMIT, socket_path=socket_path, trusted_uids=trusted_uids,
-        early_input=_encode(b"" if input is None else input, codec),
+        early_input=_encode(b"" if input is None else input, codec), server_env=server_env, frames=frames,
     )  # fmt: skip
     out, err = await process.communicate()
     return process, _decode(out, codec), _decode(err, codec)
@@ -828,6 +1009,8 @@ async def run(
     shell: Optional[bool] = None,
     socket_path: Optional[str] = None,
     trusted_uids: Optional[Iterable[int]] = None,
+    server_env: bool = False,
+    frames: bool = False,
 ) -> CompletedProcess[Any]:
     """Run a command and wait for it, like :func:`subprocess.run`.
 
@@ -842,7 +1025,7 @@ async def run(
     process = await _create(
         args, client._target(args, shell), stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
         timeout=timeout, limit=DEFAULT_LIMIT, socket_path=socket_path, trusted_uids=trusted_uids,
-        early_input=None if input is None else _encode(input, codec),
+        early_input=None if input is None else _encode(input, codec), server_env=server_env, frames=frames,
     )  # fmt: skip
     communicating = process.communicate()
     if timeout is None:
@@ -919,15 +1102,26 @@ class AsyncUNIXSocketTransport:
     """
 
     def __init__(
-        self, socket_path: Optional[str] = None, *, trusted_uids: Optional[Iterable[int]] = None
+        self,
+        socket_path: Optional[str] = None,
+        *,
+        trusted_uids: Optional[Iterable[int]] = None,
+        server_env: bool = False,
+        frames: bool = False,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
+        self.server_env = server_env
+        self.frames = frames
         self.trusted_uids: Optional[FrozenSet[int]] = None
         if trusted_uids is not None:
             self.trusted_uids = client.trusted_uids_from(trusted_uids)
 
     def _options(self, options: Dict[str, Any]) -> Dict[str, Any]:
         options.setdefault("trusted_uids", self.trusted_uids)
+        if self.server_env:
+            options.setdefault("server_env", True)
+        if self.frames:
+            options.setdefault("frames", True)
         return options
 
     def __repr__(self) -> str:

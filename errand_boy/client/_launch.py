@@ -59,6 +59,26 @@ def _check_bufsize(bufsize: Optional[int], close_fds: bool) -> int:
     return bufsize
 
 
+def run_request(wire: Dict[str, str], pass_fds: Sequence[int], common: Dict[str, Any]) -> bytes:
+    """The command block: ``common`` holds target (cmd or argv), cwd, env,
+    timeout and server_env; without env and server_env, this process's
+    environment goes with it (encoded once while it does not change)."""
+    request = protocol.encode_request(
+        **common["target"], cwd=common["cwd"], env=common["env"], timeout=common["timeout"],
+        pass_fds=pass_fds, **wire,
+    )  # fmt: skip
+    if common["env"] is None and not common["server_env"]:
+        request = _fds.with_member(request, _fds.environment_member())
+    return request
+
+
+def run_options(target: Dict[str, Any], cwd: Any, env: Any, timeout: Any, server_env: bool) -> Dict[str, Any]:
+    """``common`` for :func:`run_request`: the caller's cwd unless given or server_env."""
+    if cwd is None and not server_env:
+        cwd = _fds.caller_cwd()
+    return {"target": target, "cwd": cwd, "env": env, "timeout": timeout, "server_env": server_env}
+
+
 class _Launch:
     """Popen's half that starts the command (see the module documentation)."""
 
@@ -74,15 +94,6 @@ class _Launch:
     def _encode_input(self, input: Union[str, bytes]) -> bytes:
         raise NotImplementedError
 
-    def _request(self, wire: Dict[str, str], pass_fds: Sequence[int], common: Dict[str, Any]) -> bytes:
-        request = protocol.encode_request(
-            **common["target"], cwd=common["cwd"], env=common["env"], timeout=common["timeout"],
-            pass_fds=pass_fds, **wire,
-        )  # fmt: skip
-        if common["env"] is None and not common["server_env"]:
-            request = _fds.with_member(request, _fds.environment_member())
-        return request
-
     def _start_with_fds(
         self, plan: _fds.StreamPlan, outputs: Tuple[Any, Any], path: str, trusted_uids: Any,
         common: Dict[str, Any], bufsize: int, encoding: Optional[str], errors: Optional[str],
@@ -95,7 +106,7 @@ class _Launch:
                 sinks[number] = _file_sink(outputs[number - 1])
         self._command = _Command(sinks)
         try:
-            request = self._request(plan.wire, plan.pass_fds, common)
+            request = run_request(plan.wire, plan.pass_fds, common)
             try:
                 self._command.start(path, request, trusted_uids, plan.send)
             finally:
@@ -119,7 +130,7 @@ class _Launch:
         wire_stdin, source = _stdin_plan(stdin)
         wire_stdout, out_sink = _output_plan(stdout, 1)
         wire_stderr, err_sink = _output_plan(stderr, 2)
-        request = self._request(
+        request = run_request(
             {"stdin": wire_stdin, "stdout": wire_stdout, "stderr": wire_stderr}, (), common
         )
         self._command = command = _Command({1: out_sink, 2: err_sink})

@@ -25,7 +25,7 @@ from . import _fds
 from ._args import _Args, _decode_text, _target, _text_mode
 from ._exchange import PipeExchange
 from ._io import _BytesSource
-from ._launch import _REVISION_ONE, _check_bufsize, _Launch, _speaks_revision_one
+from ._launch import _REVISION_ONE, _check_bufsize, _Launch, _speaks_revision_one, run_options
 
 
 def _timeout_expired(
@@ -99,9 +99,7 @@ class Popen(_Launch):
         self._pipe_input = b""
         path = resolve_socket_path(socket_path)
         target = _target(args, shell)
-        if not server_env:
-            cwd = _fds.caller_cwd() if cwd is None else cwd
-        common = {"target": target, "cwd": cwd, "env": env, "timeout": timeout, "server_env": server_env}
+        common = run_options(target, cwd, env, timeout, server_env)
         plan = (
             None
             if frames or path in _REVISION_ONE
