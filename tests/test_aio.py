@@ -535,7 +535,9 @@ def test_garbage_from_the_server_raises_remote_protocol_error(fake_server: Calla
 
 def test_a_reset_after_the_last_frame_is_the_normal_end(fake_server: Callable[..., str]) -> None:
     path = fake_server(started_frame(7) + frame(b"O", b"out") + exit_frame(0, "exit"), read_request=False)
-    process, stdout, stderr = run_async(lambda: aio.run_cmd("anything", b"x" * 1000, socket_path=path, frames=True))
+    process, stdout, stderr = run_async(
+        lambda: aio.run_cmd("anything", b"x" * 1000, socket_path=path, frames=True)
+    )
     assert (process.returncode, stdout, stderr) == (0, b"out", b"")
 
 
