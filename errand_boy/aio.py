@@ -9,26 +9,40 @@
     process = await transport.create_subprocess_shell('cat')
     stdout, stderr = await process.communicate(b'foo')
 
-The command runs in the errand-boy server; this event loop only talks to it
+The command runs in the errand-boy server; this event loop talks to it
 over one Unix-socket connection per command, opened with
-:func:`asyncio.open_unix_connection`. One task per command reads the reply
-and feeds the :class:`asyncio.StreamReader` objects of ``stdout`` and
-``stderr``; frames go out through a duplicate of the socket's descriptor
-(see :class:`_Sender` for why). There is no thread and no fork. All framing
-is :mod:`errand_boy.protocol`'s, and the arguments are read as
-:mod:`errand_boy.client` reads them.
+:func:`asyncio.open_unix_connection`, and by default (protocol revision 2)
+sends it real descriptors with the request: ``stdout`` and ``stderr`` are
+:class:`asyncio.StreamReader` objects over pipes of this process
+(:meth:`loop.connect_read_pipe`), and ``stdin`` an
+:class:`asyncio.StreamWriter` over one (:meth:`loop.connect_write_pipe`),
+the shapes of :class:`asyncio.subprocess.Process`. One task per command
+reads the reply (``P``, ``X``, ``!``); frames go out through a duplicate of
+the socket's descriptor (see :class:`_Sender` for why). There is no thread
+and no fork. All framing is :mod:`errand_boy.protocol`'s, and the arguments
+are read as :mod:`errand_boy.client` reads them.
 
 The API copies :mod:`asyncio.subprocess`. These are all the differences:
 
 * **Pipes by default.** ``stdin``, ``stdout`` and ``stderr`` default to
   ``PIPE``, as in the sync client (asyncio: inheritance).
-* **Nothing is inherited.** ``stdin=None`` (like ``DEVNULL``) gives the
+* **Descriptors as asyncio gives them.** ``None`` is inheritance of this
+  process's fd 0, 1 or 2; a file object or descriptor is given to the
+  command as it is; ``DEVNULL``, ``STDOUT`` and ``pass_fds`` work. The
+  command runs in this process's working directory and environment unless
+  ``cwd``/``env`` are given or ``server_env=True``. ``text``,
+  ``universal_newlines``, ``encoding`` and ``errors`` raise
+  :class:`ValueError`, as asyncio's do.
+* **Frames** (``frames=True``; a server of revision 1; a ``stdin`` without
+  ``fileno()``): the data travels over the socket instead, and then:
+  ``stdin=None`` (like ``DEVNULL``) gives the
   command ``/dev/null``; ``stdout=None`` / ``stderr=None`` write what arrives
   to this process's ``sys.stdout.buffer`` / ``sys.stderr.buffer``, which
   looks like inheritance; a file object or descriptor given for ``stdout`` or
   ``stderr`` has the data written to it as it arrives (a blocking write in the
   event loop), and one given for ``stdin`` is read as it becomes readable and
-  sent as input.
+  sent as input; ``stdin`` is a :class:`StdinWriter` (below); and one
+  connection carries both output streams (below).
 * **Cancelling kills the command.** Cancelling a task while it awaits
   :meth:`Process.wait`, :meth:`Process.communicate`, :func:`run` or
   :func:`run_cmd` (``asyncio.wait_for`` included) closes the connection, and
@@ -36,12 +50,12 @@ The API copies :mod:`asyncio.subprocess`. These are all the differences:
   (asyncio leaves the process running.) Cancelling a read of ``stdout`` or a
   ``drain()`` of ``stdin`` does not. A task still reading a reply when the
   event loop closes is cancelled, which kills its command too.
-* **One connection carries both output streams.** A ``PIPE`` stream holding
+* **With frames, one connection carries both output streams.** A ``PIPE`` stream holding
   more than twice its ``limit`` unread stops the reading of the reply, so the
   other stream waits too and the server slows the command down. As in
   asyncio, ``wait()`` with a ``PIPE`` nobody reads can therefore wait forever
   on a command with much output: use ``communicate()``.
-* **stdin** is not an :class:`asyncio.StreamWriter` but has its methods
+* **With frames, stdin** is not an :class:`asyncio.StreamWriter` but has its methods
   (``write``, ``writelines``, ``drain``, ``close``, ``is_closing``,
   ``wait_closed``, ``can_write_eof``, ``write_eof``); each write becomes
   ``I`` frames and ``close()`` sends ``I 0``. ``write()`` after the input was
@@ -55,18 +69,16 @@ The API copies :mod:`asyncio.subprocess`. These are all the differences:
   :class:`~errand_boy.exceptions.ServerUnavailable`. A failure after the
   command started (:class:`~errand_boy.exceptions.ConnectionLost`, a
   :class:`~errand_boy.exceptions.ServerError`, a
-  :class:`~errand_boy.exceptions.RemoteProtocolError`) ends both output
-  streams (EOF, output received so far kept) and is raised by ``wait()`` and
-  ``communicate()``.
+  :class:`~errand_boy.exceptions.RemoteProtocolError`) is raised by
+  ``wait()`` and ``communicate()`` (with frames, it also ends both output
+  streams: EOF, output received so far kept).
 * **Process ids and signals.** ``pid`` is in the server's PID namespace;
   ``send_signal`` (``terminate``, ``kill``) sends a ``K`` frame that signals
   the command's whole process group, and does nothing once the command has
   ended (asyncio: :class:`ProcessLookupError` once its transport closed).
-* **Not supported:** ``text``, ``encoding``, ``errors`` and
-  ``universal_newlines`` for ``create_subprocess_*`` (asyncio refuses them
-  too; :func:`run` and :func:`run_cmd` take them), ``preexec_fn``,
-  ``close_fds``, ``pass_fds``, ``start_new_session`` (always on),
-  ``user``/``group``.
+* **Not supported:** ``preexec_fn``, ``close_fds``, ``start_new_session``
+  (always on), ``user``/``group`` (:func:`run` and :func:`run_cmd` take
+  ``text``, ``encoding`` and ``errors``, for their results).
 * **Only a trusted server**, as in the sync client: before sending a byte,
   the server's credentials are read, and a server that runs as neither
   root, nor this process's user, nor one of ``trusted_uids=`` (else
