@@ -1,8 +1,9 @@
 """The client half of the command line (``python -m errand_boy.run 'ls -al'``).
 
-It runs one shell command through the server, streams the command's output
-to its own standard output and error as it arrives, passes its standard
-input on, and exits with the command's status: 128+N when signal N ended
+It runs one shell command through the server, giving it this process's own
+standard input, output and error (passed as descriptors: the command sees
+the terminal, and its output needs no relay) and working directory, and
+exits with the command's status: 128+N when signal N ended
 it (so 137 for a command killed at its timeout), 125 when errand-boy itself
 failed, with one line ``errand-boy: <why>`` on standard error.
 """
