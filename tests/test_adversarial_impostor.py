@@ -207,12 +207,12 @@ def test_trusted_uids_keyword_and_environment(impostor: Impostor, monkeypatch: p
 
 def test_trusted_uids_asyncio(impostor: Impostor, monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
-        transport = aio.AsyncUNIXSocketTransport(impostor.path, trusted_uids=[NOBODY])
+        transport = aio.AsyncUNIXSocketTransport(impostor.path, trusted_uids=[NOBODY], frames=True)
         process, stdout, _ = await transport.run_cmd("echo hi")
         assert (process.returncode, stdout) == (42, b"forged\n")
         assert await aio.status(impostor.path, trusted_uids=[NOBODY]) == {"forged": True}
         monkeypatch.setenv("ERRAND_BOY_TRUSTED_UIDS", str(NOBODY))
-        assert (await aio.run_cmd("echo hi", socket_path=impostor.path))[1] == b"forged\n"
+        assert (await aio.run_cmd("echo hi", socket_path=impostor.path))[0].returncode == 42
 
     asyncio.run(main())
     assert all(impostor.connections(3))
