@@ -15,6 +15,11 @@ The socket is ``--host`` when given (a path, optionally written
 
 ``fab locust_local`` (fabfile.py) starts a private server and does this.
 
+The server must run as root, as the user running locust, or as a user named
+in ``$ERRAND_BOY_TRUSTED_UIDS`` (comma-separated uids): every connection
+checks the server's credentials before sending anything, and a command to
+any other server fails with :class:`~errand_boy.exceptions.UntrustedServer`.
+
 Locust monkey-patches the standard library with gevent; the client uses
 plain blocking sockets, looked up at call time, so every user is a
 cooperative greenlet and no command blocks the others.
@@ -24,10 +29,11 @@ from __future__ import annotations
 
 import subprocess
 import time
-from typing import Optional
+from typing import FrozenSet, Optional
 
 from locust import User, between, task
 
+from errand_boy.client import trusted_uids_from
 from errand_boy.transports.unixsocket import UNIXSocketTransport
 
 
@@ -40,13 +46,21 @@ def socket_path_from_host(host: Optional[str]) -> Optional[str]:
     return host
 
 
+def trusted_uids() -> Optional[FrozenSet[int]]:
+    """``$ERRAND_BOY_TRUSTED_UIDS`` as the transport takes it (a bad value
+    fails here, once, naming the variable, rather than in every request)."""
+    return trusted_uids_from(None)
+
+
 class ErrandBoyUser(User):
     """A client process that runs a small command now and then."""
 
     wait_time = between(0, 0.1)
 
     def on_start(self) -> None:
-        self.transport = UNIXSocketTransport(socket_path_from_host(self.host))
+        # Checks the server's credentials on every connection (trusted_uids
+        # from $ERRAND_BOY_TRUSTED_UIDS); an impostor fails every request.
+        self.transport = UNIXSocketTransport(socket_path_from_host(self.host), trusted_uids=trusted_uids())
 
     def run_cmd(self, cmd: str) -> None:
         """Run ``cmd`` through the server and report it to locust."""

@@ -1,8 +1,9 @@
 """The client half of the command line (``python -m errand_boy.run 'ls -al'``).
 
-It runs one shell command through the server, streams the command's output
-to its own standard output and error as it arrives, passes its standard
-input on, and exits with the command's status: 128+N when signal N ended
+It runs one shell command through the server, giving it this process's own
+standard input, output and error (passed as descriptors: the command sees
+the terminal, and its output needs no relay) and working directory, and
+exits with the command's status: 128+N when signal N ended
 it (so 137 for a command killed at its timeout), 125 when errand-boy itself
 failed, with one line ``errand-boy: <why>`` on standard error.
 """
@@ -13,7 +14,7 @@ import os
 import signal
 import sys
 from subprocess import DEVNULL
-from typing import Optional
+from typing import Iterable, Optional
 
 from .client import Popen
 from .defaults import resolve_socket_path
@@ -30,14 +31,29 @@ def run_command_line(
     timeout: Optional[float],
     cwd: Optional[str],
     pass_stdin: bool,
+    trusted_uids: Optional[Iterable[int]] = None,
+    server_env: bool = False,
+    frames: bool = False,
 ) -> int:
-    """Run ``command`` through the server; return the exit status to exit with."""
+    """Run ``command`` through the server; return the exit status to exit with.
+
+    ``trusted_uids`` (``--trust-uid``; default ``$ERRAND_BOY_TRUSTED_UIDS``)
+    names the users besides root and our own whose server we talk to; any
+    other server is refused before a byte is sent (exit status 125).
+
+    The command gets this process's own descriptors 0 (unless
+    ``pass_stdin`` is false: then /dev/null), 1 and 2, so it sees the
+    terminal, and runs in this process's working directory and environment
+    unless ``server_env`` (``--server-env``). ``frames`` (``--frames``)
+    relays its input and output through the socket instead.
+    """
     socket_path = resolve_socket_path(socket_path)
     process: Optional[Popen] = None
     try:
         process = Popen(
             command, stdin=0 if pass_stdin else DEVNULL, stdout=None, stderr=None,
-            cwd=cwd, timeout=timeout, socket_path=socket_path,
+            cwd=cwd, timeout=timeout, socket_path=socket_path, trusted_uids=trusted_uids,
+            server_env=server_env, frames=frames,
         )  # fmt: skip
         returncode = _wait(process)
     except ErrandBoyError as exc:

@@ -20,6 +20,7 @@ means the peer sent bytes that break the protocol.
 from __future__ import annotations
 
 import errno as _errno
+import os as _os
 from typing import Any, Dict, Optional, Type
 
 __all__ = [
@@ -36,7 +37,9 @@ __all__ = [
     "ShuttingDown",
     "InternalServerError",
     "ServerUnavailable",
+    "UntrustedServer",
     "ConnectionLost",
+    "InvalidSetting",
     "error_from_frame",
 ]
 
@@ -132,8 +135,10 @@ class SpawnFailed(ServerError, OSError):
     """The command could not be started (missing program, bad cwd, ...).
 
     It is an :class:`OSError` with ``errno``, ``strerror`` and ``filename``
-    set; :func:`error_from_frame` returns an instance of a subclass that is
-    also the matching builtin (``FileNotFoundError`` for ``ENOENT``,
+    set as subprocess sets them (``strerror`` is ``os.strerror(errno)``, so
+    ``str()`` reads ``[Errno 2] No such file or directory: 'prog'``; the
+    server's own sentence is in ``message``); :func:`error_from_frame`
+    returns an instance of a subclass that is also the matching builtin (``FileNotFoundError`` for ``ENOENT``,
     ``PermissionError`` for ``EACCES``, ...), as ``subprocess`` raises them.
     """
 
@@ -148,13 +153,13 @@ class SpawnFailed(ServerError, OSError):
     ) -> None:
         ServerError.__init__(self, message, details)
         self.errno = errno
-        self.strerror = message
+        self.strerror = _os.strerror(errno) if errno is not None else message
         self.filename = filename
 
     def __str__(self) -> str:
         head = f"[Errno {self.errno}] " if self.errno is not None else ""
         tail = f": {self.filename!r}" if self.filename is not None else ""
-        return f"{head}{self.message}{tail}"
+        return f"{head}{self.strerror}{tail}"
 
     def __reduce__(self) -> Any:  # keep the errno-specific class when copied
         return (_rebuild_spawn_failed, (self.errno, self.message, self.filename, self.details))
@@ -195,6 +200,42 @@ class ServerUnavailable(ErrandBoyError, ConnectionError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+def _user_name(uid: int) -> Optional[str]:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return None
+
+
+class UntrustedServer(ServerUnavailable):
+    """The process listening on the socket runs as a user the client does
+    not trust (not root, not this process's effective user, not one named
+    in ``trusted_uids`` or ``$ERRAND_BOY_TRUSTED_UIDS``). Nothing was sent
+    to it. ``uid`` and ``user`` (None when unknown) say whose it is.
+    """
+
+    def __init__(self, socket_path: str, uid: int, env_name: str = "ERRAND_BOY_TRUSTED_UIDS") -> None:
+        self.uid = uid
+        self.user = _user_name(uid)
+        owner = f"uid {uid}" + (f" ({self.user})" if self.user else "")
+        message = (
+            f"refusing the errand-boy server at {socket_path!r}: it runs as {owner}, "
+            f"which is neither root nor this process's user (uid {_os.geteuid()}), "
+            f"and nothing was sent to it. "
+            f"If you trust that user, pass trusted_uids=[{uid}] (command line: --trust-uid {uid}) "
+            f"or set {env_name}={uid}; otherwise use a socket in a directory only trusted users can write to."
+        )
+        ConnectionError.__init__(self, _errno.EPERM, message)
+        self.socket_path = socket_path
+
+
+class InvalidSetting(ErrandBoyError, ValueError):
+    """A client setting (a keyword or an environment variable) has a value
+    errand-boy cannot use; the message names the setting."""
 
 
 class ConnectionLost(ErrandBoyError, ConnectionError):

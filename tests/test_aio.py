@@ -8,6 +8,7 @@ is left behind.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -190,9 +191,10 @@ def test_exec_argument_with_spaces_and_no_shell(transport: AsyncUNIXSocketTransp
     assert run_async(go)[0] == b"['-c', 'a b', '$X']\n"
 
 
-def test_stdin_writer_write_drain_close(transport: AsyncUNIXSocketTransport) -> None:
+@pytest.mark.parametrize("frames", [False, True])
+def test_stdin_writer_write_drain_close(transport: AsyncUNIXSocketTransport, frames: bool) -> None:
     async def go() -> Any:
-        process = await transport.create_subprocess_shell("cat")
+        process = await transport.create_subprocess_shell("cat", frames=frames)
         assert process.stdin is not None and process.stdout is not None
         process.stdin.write(b"one\n")
         await process.stdin.drain()
@@ -203,8 +205,9 @@ def test_stdin_writer_write_drain_close(transport: AsyncUNIXSocketTransport) -> 
         assert process.stdin.is_closing()
         await process.stdin.wait_closed()
         rest = await process.stdout.read()
-        with pytest.raises(BrokenPipeError):
-            process.stdin.write(b"late")
+        if frames:  # with a real pipe, asyncio's StreamWriter only logs this
+            with pytest.raises(BrokenPipeError):
+                process.stdin.write(b"late")
         return first, rest, await process.wait()
 
     assert run_async(go) == (b"one\n", b"two\nthree\n", 0)
@@ -511,7 +514,7 @@ def test_server_closing_mid_reply_raises_connection_lost(fake_server: Callable[.
     path = fake_server(started_frame(42) + b"O 10\r\nhalf")
 
     async def go() -> None:
-        process = await aio.create_subprocess_shell("anything", socket_path=path)
+        process = await aio.create_subprocess_shell("anything", socket_path=path, frames=True)
         assert process.pid == 42 and process.stdout is not None
         assert await process.stdout.read() == b"half"  # what came, then the end
         with pytest.raises(ConnectionLost) as info:
@@ -533,7 +536,9 @@ def test_garbage_from_the_server_raises_remote_protocol_error(fake_server: Calla
 
 def test_a_reset_after_the_last_frame_is_the_normal_end(fake_server: Callable[..., str]) -> None:
     path = fake_server(started_frame(7) + frame(b"O", b"out") + exit_frame(0, "exit"), read_request=False)
-    process, stdout, stderr = run_async(lambda: aio.run_cmd("anything", b"x" * 1000, socket_path=path))
+    process, stdout, stderr = run_async(
+        lambda: aio.run_cmd("anything", b"x" * 1000, socket_path=path, frames=True)
+    )
     assert (process.returncode, stdout, stderr) == (0, b"out", b"")
 
 
@@ -554,3 +559,50 @@ def test_forbidden_raises_permission_error(fake_server: Callable[..., str]) -> N
     with pytest.raises(PermissionError) as info:
         run_async(lambda: aio.create_subprocess_shell("true", socket_path=path))
     assert isinstance(info.value, Forbidden)
+
+
+# -- real descriptors (protocol revision 2) ------------------------------------
+
+
+def test_streams_are_asyncio_streams_over_real_pipes(transport: AsyncUNIXSocketTransport) -> None:
+    async def go() -> Any:
+        process = await transport.create_subprocess_shell("read x; echo got $x; echo err >&2")
+        assert isinstance(process.stdout, asyncio.StreamReader)
+        assert isinstance(process.stdin, asyncio.StreamWriter)
+        pipe = process.stdin.get_extra_info("pipe")
+        assert os.fstat(pipe.fileno()).st_mode & 0o170000 == 0o010000  # a FIFO of ours
+        process.stdin.write(b"abc\n")
+        await process.stdin.drain()
+        line = await process.stdout.readline()
+        return line, await process.stderr.read(), await process.wait()  # type: ignore[union-attr]
+
+    assert run_async(go) == (b"got abc\n", b"err\n", 0)
+
+
+def test_text_keywords_are_refused_as_asyncio_does(transport: AsyncUNIXSocketTransport) -> None:
+    keywords = (("text", True), ("universal_newlines", True), ("encoding", "utf-8"), ("errors", "strict"))
+    for name, value in keywords:
+        with pytest.raises(ValueError, match=name):
+            run_async(functools.partial(transport.create_subprocess_shell, "true", **{name: value}))
+    with pytest.raises(TypeError, match="no_such_option"):
+        run_async(lambda: transport.create_subprocess_exec("true", no_such_option=1))
+
+
+def test_callers_cwd_inheritance_and_pass_fds(
+    transport: AsyncUNIXSocketTransport, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    read_end, write_end = os.pipe()
+
+    async def go() -> Any:
+        _, out, _ = await transport.run_cmd("pwd")
+        script = f"import os; os.write({write_end}, b'passed')"
+        process = await transport.create_subprocess_exec(sys.executable, "-c", script, pass_fds=[write_end])
+        return out, await process.wait()
+
+    try:
+        assert run_async(go) == (f"{tmp_path}\n".encode(), 0)
+        assert os.read(read_end, 100) == b"passed"
+    finally:
+        os.close(read_end)
+        os.close(write_end)

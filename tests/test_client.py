@@ -341,10 +341,11 @@ def test_run_check_raises_called_process_error(transport: UNIXSocketTransport) -
     assert (error.output, error.stdout, error.stderr) == (b"out\n", b"out\n", b"err\n")
 
 
-def test_run_without_capture_writes_to_own_stdout(transport: UNIXSocketTransport, capsysbinary) -> None:
+def test_run_without_capture_inherits_our_descriptors(transport: UNIXSocketTransport, capfdbinary) -> None:
+    """As subprocess: the command writes to this process's own fds 1 and 2."""
     result = transport.run("echo to-stdout; echo to-stderr >&2")
     assert (result.stdout, result.stderr) == (None, None)
-    captured = capsysbinary.readouterr()
+    captured = capfdbinary.readouterr()
     assert captured.out == b"to-stdout\n"
     assert captured.err == b"to-stderr\n"
 
@@ -546,7 +547,9 @@ def test_interleaved_stdout_and_stderr_keep_their_bytes(transport: UNIXSocketTra
         "    sys.stdout.buffer.write(bytes([i]) * 100000); sys.stdout.flush()\n"
         "    sys.stderr.buffer.write(bytes([255 - i]) * 70000); sys.stderr.flush()\n"
     )
-    with transport.Popen([PYTHON, "-c", script]) as process:
+    # Frames: one connection carries both streams, so reading stdout alone
+    # cannot block the command (with real pipes it would, as in subprocess).
+    with transport.Popen([PYTHON, "-c", script], frames=True) as process:
         assert process.stdout is not None and process.stderr is not None
         chunks = []
         while True:
@@ -675,7 +678,7 @@ def test_garbage_from_the_server_raises_remote_protocol_error(fake_server) -> No
 def test_a_reset_after_the_last_frame_is_the_normal_end(fake_server) -> None:
     reply = started_frame(7) + frame(b"O", b"out") + exit_frame(0, "exit")
     path = fake_server(reply, read_request=False)
-    process, stdout, stderr = UNIXSocketTransport(path).run_cmd("anything", b"x" * 1000)
+    process, stdout, stderr = UNIXSocketTransport(path, frames=True).run_cmd("anything", b"x" * 1000)
     assert (process.returncode, stdout, stderr) == (0, b"out", b"")
 
 
@@ -700,3 +703,70 @@ def test_module_level_functions(socket_path: str) -> None:
     _process, stdout, _ = client.run_cmd("echo m", socket_path=socket_path)
     assert stdout == b"m\n"
     assert isinstance(client.status(socket_path), dict)
+
+
+# -- subprocess conformance (issue 9's list; CPython's own tests in test_conformance_subprocess.py)
+
+
+def test_returncode_is_published_by_poll_and_wait_only(transport: UNIXSocketTransport) -> None:
+    process = transport.Popen("true")
+    process._command.pump(lambda: process._command.finished)  # the X frame has arrived
+    assert process.returncode is None  # as subprocess: nobody polled yet
+    assert process.poll() == 0 and process.returncode == 0
+
+
+def test_two_threads_wait_on_one_popen(transport: UNIXSocketTransport) -> None:
+    """One thread waits while another polls, kills and waits (CPython's issue 21291)."""
+    process = transport.Popen("sleep 30", stdin=None, stdout=None, stderr=None)
+    results: List[object] = []
+
+    def kill_and_wait() -> None:
+        try:
+            results.append(process.poll())
+            process.kill()
+            results.append(process.wait())
+            results.append(process.wait(timeout=1))
+        except BaseException as exc:  # EBADF here was the bug
+            results.append(exc)
+
+    timer = threading.Timer(0.3, kill_and_wait)
+    timer.start()
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    timer.join(30)
+    assert results == [None, -signal.SIGKILL, -signal.SIGKILL]
+
+
+def test_spawn_error_carries_subprocess_strerror(transport: UNIXSocketTransport) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        transport.Popen(["errand-boy-no-such-program"])
+    assert info.value.strerror == os.strerror(2) == "No such file or directory"
+    assert str(info.value) == "[Errno 2] No such file or directory: 'errand-boy-no-such-program'"
+
+
+def test_communicate_closes_the_streams(transport: UNIXSocketTransport) -> None:
+    process = transport.Popen("cat", text=True)
+    assert process.communicate("x") == ("x", "")
+    assert process.stdin.closed and process.stdout.closed and process.stderr.closed  # type: ignore[union-attr]
+
+
+def test_subprocess_argument_rules(transport: UNIXSocketTransport, tmp_path) -> None:
+    assert transport.Popen("true", bufsize=None).wait() == 0
+    with pytest.raises(TypeError, match="bufsize must be an integer"):
+        transport.Popen("true", bufsize="1")
+    with pytest.raises(TypeError, match="path-like args"):
+        transport.run(tmp_path, shell=True)
+    assert client.Popen[bytes].__origin__ is client.Popen  # type: ignore[attr-defined]
+    assert transport.Popen("true", close_fds=True).wait() == 0
+    with pytest.raises(ValueError, match="close_fds=False is not supported"):
+        transport.Popen("true", close_fds=False)
+    with pytest.warns(RuntimeWarning, match="line buffering"):
+        transport.Popen("true", bufsize=1).wait()
+
+
+def test_exit_raises_broken_pipe_of_stdin(transport: UNIXSocketTransport) -> None:
+    process = transport.Popen("true", stdout=subprocess.DEVNULL, bufsize=1 << 21)
+    process._command.pump(lambda: process._command.finished)  # the command is over
+    process.stdin.write(b"x" * (1 << 20))  # type: ignore[union-attr]
+    with pytest.raises(BrokenPipeError):
+        process.__exit__(None, None, None)
+    assert process.returncode == 0 and process.stdin.closed  # type: ignore[union-attr]

@@ -1,65 +1,93 @@
 """The errand-boy client: :class:`Popen`, :func:`run` and :func:`run_cmd`.
 
-The command runs in the errand-boy server; this process only talks to it
-over one Unix-socket connection per command. The API copies
-:mod:`subprocess`; these are all the differences from
-:class:`subprocess.Popen` (and :func:`subprocess.run`):
+The command runs in the errand-boy server; this process talks to it over
+one Unix-socket connection per command and, by default (protocol revision
+2), hands it real descriptors: the command reads and writes this process's
+own pipes, files and terminal, exactly as a local child would, and its data
+never passes through the server. The API copies :mod:`subprocess`; these
+are all the differences from :class:`subprocess.Popen` (and
+:func:`subprocess.run`) that remain:
 
-* **Pipes by default.** ``stdin``, ``stdout`` and ``stderr`` default to
-  ``PIPE`` (the original errand-boy's behaviour), not to inheritance.
-* **Nothing is inherited.** The command cannot share this process's
-  descriptors. ``stdin=None`` (like ``DEVNULL``) gives it ``/dev/null``;
-  ``stdout=None`` / ``stderr=None`` write what arrives to this process's own
-  ``sys.stdout.buffer`` / ``sys.stderr.buffer`` (flushed as it arrives), which
-  looks like inheritance; a file object or descriptor number given for
-  ``stdout``/``stderr`` gets the data written to it as it arrives, and one given
-  for ``stdin`` has its contents read and sent as input.
-* **Data moves only while you call in.** Output is received, and file input
-  sent, while this process waits, polls, communicates or reads a stream
-  (there is no thread). Output of a ``PIPE`` stream nobody reads yet is
-  buffered here, without limit, while you ``wait()``; the server slows a
-  command down only while this process is not receiving at all.
-* **Closing a stream does not break the pipe.** Closing ``stdout`` or
-  ``stderr`` discards its further output; the command does not get
-  ``SIGPIPE``. Output already taken into a stream object's buffer is not
-  returned by a later :meth:`Popen.communicate` (as with subprocess).
+* **Pipes by default.** ``Popen``'s ``stdin``, ``stdout`` and ``stderr``
+  default to ``PIPE`` (the original errand-boy's behaviour), not to
+  inheritance. :func:`run` keeps subprocess's defaults (inheritance).
+* **Descriptors, as subprocess gives them.** ``PIPE`` is a pipe made here
+  (``p.stdout`` is a real file: ``fileno()``, ``select``, ``os.read``);
+  ``None`` is inheritance of this process's own fd 0, 1 or 2; a file object
+  or a descriptor number is given to the command as it is; ``DEVNULL`` and
+  ``STDOUT`` as in subprocess; ``pass_fds`` and ``pipesize`` too.
+  ``close_fds`` is accepted: ``True`` (the default) is what happens anyway;
+  ``False`` raises :class:`ValueError` (the command is started by the
+  server and never inherits its descriptors; pass the ones it needs with
+  ``pass_fds``). A stream closed unread is closed without a
+  ``ResourceWarning`` when collected.
+* **The caller's directory and environment.** The command runs in this
+  process's working directory with its environment (sent with every
+  request; the encoded environment is reused while ``os.environ`` is
+  unchanged), unless ``cwd``/``env`` are given, or ``server_env=True`` asks
+  for the server's own (a sidecar whose directories differ from ours).
+* **Frames instead of descriptors** with ``frames=True`` (a socket forwarded
+  from another host), with a server of protocol revision 1 (detected once
+  per socket: it answers ``bad-request`` and its status has no
+  ``revision``), and for a ``stdin`` without ``fileno()``. Then
+  the data travels in frames: stream objects have no ``fileno()``; ``None``
+  for ``stdin`` means ``/dev/null`` and for ``stdout``/``stderr`` this
+  process's ``sys.stdout``/``sys.stderr``; output is received, and file
+  input sent, only while this process waits, polls, communicates or reads;
+  unread ``PIPE`` output is buffered here without limit; closing ``stdout``
+  discards its output without ``SIGPIPE``; ``pass_fds`` raises
+  :class:`ValueError`. A ``stdout``/``stderr`` object with ``write()`` but
+  no ``fileno()`` always gets its output through frames.
 * **Process ids and signals.** ``pid`` is in the server's PID namespace, not
   necessarily usable here. Every command runs in its own session and process
   group: :meth:`Popen.send_signal` (and ``terminate``/``kill``) signal the whole
-  group, through the server.
+  group, through the server. ``wait``, ``poll`` and ``returncode`` come from
+  the server's ``X`` frame, which comes once the command's process ended.
 * **Timeouts are enforced by the server.** ``Popen(timeout=...)`` is an
   extension: on expiry the server kills the command's process group,
   ``returncode`` is ``-9`` and :attr:`Popen.timed_out` is true. :func:`run`
   passes its ``timeout`` to the server too, and waits a few seconds longer
   itself before giving up on the connection.
-* **Errors.** Spawn errors raise from the constructor as subprocess does
-  (``FileNotFoundError`` for a missing program, an :class:`OSError` for a bad
-  ``cwd``), as :mod:`errand_boy.exceptions` subclasses of those. When no
-  server answers, the constructor raises
+* **Errors.** Spawn errors raise from the constructor as subprocess raises
+  them (``FileNotFoundError`` for a missing program, with subprocess's
+  ``strerror`` and ``filename``), as :mod:`errand_boy.exceptions` subclasses
+  of those. When no server answers, the constructor raises
   :class:`~errand_boy.exceptions.ServerUnavailable`. A failure after the
   command started (the server going away:
   :class:`~errand_boy.exceptions.ConnectionLost`; a ``!`` frame: a
   :class:`~errand_boy.exceptions.ServerError`; a broken reply:
   :class:`~errand_boy.exceptions.RemoteProtocolError`) is raised by the next
-  ``wait``, ``poll``, ``communicate`` or read that needs the reply.
+  ``wait``, ``poll`` or ``communicate`` that needs the reply.
 * **Closing the connection kills the command.** A :class:`Popen` garbage
   collected while its command runs closes its connection, and the server
   kills the command's process group (subprocess would leave it running).
-* **Not supported:** ``preexec_fn``, ``close_fds``, ``pass_fds``,
-  ``start_new_session`` (always on), ``user``/``group``, ``restore_signals``,
-  ``executable``, ``umask``, ``extra_groups``, ``process_group``,
-  ``pipesize``, ``startupinfo``, ``creationflags`` (a ``TypeError``). Every
-  argument after ``args`` is keyword-only.
+* **Not supported:** ``preexec_fn``, ``start_new_session`` (always on),
+  ``user``/``group``, ``restore_signals``, ``executable``, ``umask``,
+  ``extra_groups``, ``process_group``, ``startupinfo``, ``creationflags``
+  (a ``TypeError``). Every argument after ``args`` is keyword-only.
 * **Lenient input.** A ``str`` given to :meth:`Popen.communicate` in binary
   mode is encoded as UTF-8 (the original errand-boy's ``run_cmd`` took
   ``input='foo'``) where subprocess raises ``TypeError``.
-* **Extensions:** ``Popen(timeout=...)``, ``socket_path=``, and the attributes
+* **Only a trusted server.** Right after connecting, before sending a byte,
+  the client reads the server's credentials (``SO_PEERCRED``) and talks
+  only to a server running as root, as this process's effective user, or as
+  a user named in ``trusted_uids=`` (else ``$ERRAND_BOY_TRUSTED_UIDS``,
+  comma-separated uids); any other raises
+  :class:`~errand_boy.exceptions.UntrustedServer` (a ``ServerUnavailable``).
+  Trust goes by credentials, never by the socket's path or owner.
+* **Extensions:** ``Popen(timeout=...)``, ``socket_path=``,
+  ``trusted_uids=``, ``server_env=``, ``frames=``, and the attributes
   :attr:`Popen.timed_out`, :attr:`Popen.reason` (``"exit"``, ``"signal"`` or
   ``"timeout"``) and :attr:`Popen.info` (the server's whole ``X`` object).
 
+CPython's own ``Lib/test/test_subprocess.py`` runs against this client in
+``tests/test_conformance_subprocess.py``, with the tests that cannot apply
+to a daemon's command listed there with their reasons.
+
 The client never forks and never starts a thread. It uses plain blocking
-sockets and, while sending input, a selector looked up at call time, so
-eventlet and gevent monkey-patching make it cooperative.
+sockets and waits on sockets and pipes in selectors looked up at call time
+(reads of a pipe wait in one too when eventlet or gevent has patched the
+socket module), so monkey-patching makes it cooperative.
 """
 
 from __future__ import annotations
@@ -67,7 +95,7 @@ from __future__ import annotations
 import subprocess
 import time
 from subprocess import DEVNULL, PIPE, STDOUT, CompletedProcess, TimeoutExpired
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 from .. import protocol
 from ..defaults import resolve_socket_path
@@ -89,7 +117,10 @@ from ._io import INPUT_FRAME_SIZE as INPUT_FRAME_SIZE
 from ._io import _BytesSource as _BytesSource
 from ._io import _discard as _discard
 from ._io import _Source as _Source
-from .popen import EARLY_INPUT_LIMIT as EARLY_INPUT_LIMIT
+from ._launch import EARLY_INPUT_LIMIT as EARLY_INPUT_LIMIT
+from ._trust import TRUSTED_UIDS_ENV as TRUSTED_UIDS_ENV
+from ._trust import check_server as check_server
+from ._trust import trusted_uids_from as trusted_uids_from
 from .popen import Popen as Popen
 from .popen import _timeout_expired as _timeout_expired
 
@@ -181,11 +212,14 @@ def _run_communicate(process: Popen, timeout: Optional[float]) -> Tuple[Optional
         process._communication_started = True
 
 
-def status(socket_path: Optional[str] = None) -> Dict[str, Any]:
-    """The server's figures (its ``S`` object)."""
+def status(
+    socket_path: Optional[str] = None, *, trusted_uids: Optional[Iterable[int]] = None
+) -> Dict[str, Any]:
+    """The server's figures (its ``S`` object), from a server we trust
+    (``trusted_uids`` as for :class:`Popen`)."""
     path = resolve_socket_path(socket_path)
     command = _Command({1: _discard, 2: _discard})
-    command.start(path, protocol.encode_status_request())
+    command.start(path, protocol.encode_status_request(), trusted_uids)
     if command.status is None:
         raise RemoteProtocolError(f"the errand-boy server at {path!r} answered a status request without S")
     return command.status

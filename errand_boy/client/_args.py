@@ -41,7 +41,9 @@ def _target(args: _Args, shell: Optional[bool]) -> Dict[str, Any]:
     if isinstance(args, (str, bytes)):
         return {"argv": [args]} if shell is False else {"cmd": args}
     if isinstance(args, os.PathLike):
-        return {"cmd": os.fspath(args)} if shell else {"argv": [args]}
+        if shell:  # as subprocess
+            raise TypeError("path-like args is not allowed when shell is true")
+        return {"argv": [args]}
     argv = list(args)
     if shell:
         return {"argv": ["/bin/sh", "-c", *argv]}

@@ -13,7 +13,7 @@ import selectors
 import signal
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence
 
 from .. import protocol
 from ..exceptions import ConnectionLost, RemoteProtocolError, error_from_frame
@@ -66,12 +66,23 @@ class _Command:
         """The reply is complete, or the connection failed or was given up."""
         return self.conn is None
 
-    def start(self, socket_path: str, request: bytes) -> None:
-        """Connect, send the request, and read until the command started."""
-        self.conn = _Connection(socket_path)
+    def start(
+        self,
+        socket_path: str,
+        request: bytes,
+        trusted_uids: Optional[Iterable[int]] = None,
+        fds: Sequence[int] = (),
+    ) -> None:
+        """Connect, check the server, send the request (with ``fds``, in one
+        SCM_RIGHTS message), and read until the command started (see
+        :mod:`._trust` for ``trusted_uids``)."""
+        self.conn = _Connection(socket_path, trusted_uids)
         try:
             try:
-                self.conn.send(request)
+                if fds:
+                    self.conn.send_with_fds(request, fds)
+                else:
+                    self.conn.send(request)
             except BrokenPipeError:
                 pass  # the server may have answered already: read its reply
             self.pump(lambda: self.pid is not None or self.conn is None)
@@ -140,6 +151,10 @@ class _Command:
             if not moved or timeout == 0.0:
                 break
         return ready()
+
+    def receive_now(self) -> bool:
+        """Take in what the socket holds now (it was reported readable)."""
+        return self.conn is not None and self._receive(0.0)
 
     def _receive(self, timeout: Optional[float]) -> bool:
         conn = self.conn

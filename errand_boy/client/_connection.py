@@ -9,13 +9,15 @@ protocol are made here, and shared with :mod:`errand_boy.aio`.
 
 from __future__ import annotations
 
+import array
 import errno
 import socket
 import threading
-from typing import Any, Optional, cast
+from typing import Any, Iterable, Optional, Sequence, cast
 
 from .. import protocol
 from ..exceptions import ConnectionLost, RemoteProtocolError, ServerUnavailable
+from ._trust import check_server, trusted_uids_from
 
 #: Bytes asked of the socket per receive outside an output payload (and per
 #: payload piece that is queued). Not more: the parser copies what it is fed
@@ -59,10 +61,11 @@ class _Connection:
     """One socket to the server, the reply parser behind it, and any bytes
     of a frame that a non-blocking send left unsent (``pending``)."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, trusted_uids: Optional[Iterable[int]] = None) -> None:
         self.socket_path = socket_path
         self.parser = protocol.ReplyParser()
         self.pending = _EMPTY
+        trusted_uids = trusted_uids_from(trusted_uids)  # a bad setting fails before connecting
         # Looked up at call time, so a monkey-patched socket module is used.
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -70,6 +73,11 @@ class _Connection:
         except OSError as exc:
             sock.close()
             raise ServerUnavailable(socket_path, exc) from exc
+        try:
+            check_server(sock, socket_path, trusted_uids)  # before sending a byte
+        except BaseException:
+            sock.close()
+            raise
         self.sock = sock
         self._timeout = sock.gettimeout()
 
@@ -89,6 +97,18 @@ class _Connection:
             self.sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError) as exc:
             self.pending = _EMPTY
+            raise BrokenPipeError(errno.EPIPE, "the errand-boy server takes no more input") from exc
+
+    def send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
+        """Send ``data`` whole, the descriptors ``fds`` with its first bytes
+        (one SCM_RIGHTS message; the server takes them with the block)."""
+        self.set_timeout(None)
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        try:
+            sent = self.sock.sendmsg([data], rights)
+            if sent < len(data):
+                self.sock.sendall(memoryview(data)[sent:])
+        except (BrokenPipeError, ConnectionResetError) as exc:
             raise BrokenPipeError(errno.EPIPE, "the errand-boy server takes no more input") from exc
 
     def queue(self, data: bytes) -> None:

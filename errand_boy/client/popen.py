@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import io
 import signal
+import threading
 import time
+import types
+import warnings
 from subprocess import PIPE, TimeoutExpired
-from typing import IO, Any, Dict, Mapping, Optional, Tuple, Union, cast
+from typing import IO, Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union, cast
 
-from .. import protocol
 from ..defaults import resolve_socket_path
-from ..exceptions import ConnectionLost
-from ._args import _Args, _decode_text, _output_plan, _stdin_plan, _target, _text_mode
-from ._command import _Command
+from ..exceptions import BadRequest, ConnectionLost
+from . import _fds
+from ._args import _Args, _decode_text, _target, _text_mode
+from ._exchange import PipeExchange
 from ._io import _BytesSource
-from ._streams import _reader, _writer
-
-#: Input up to this size travels in the same send as the request: the socket
-#: buffers take it whole, so it cannot block while output waits unread.
-EARLY_INPUT_LIMIT = 64 * 1024
+from ._launch import _REVISION_ONE, _check_bufsize, _Launch, _speaks_revision_one, run_options
 
 
 def _timeout_expired(
@@ -35,7 +34,7 @@ def _timeout_expired(
     return TimeoutExpired(args, cast(float, timeout), output=output, stderr=stderr)
 
 
-class Popen:
+class Popen(_Launch):
     """A :class:`subprocess.Popen` whose command runs in the errand-boy server.
 
     ``args`` is a shell command (str or bytes) or a program and its
@@ -47,6 +46,10 @@ class Popen:
     ``timeout`` (seconds) is an errand-boy extension: the server kills the
     command's process group when it is exceeded. ``socket_path`` names the
     server's socket (default: ``$ERRAND_BOY_SOCKET``, else ``/tmp/errand-boy``).
+    ``trusted_uids`` names the users, besides root and this process's own,
+    whose server the client talks to (default: ``$ERRAND_BOY_TRUSTED_UIDS``);
+    any other raises :class:`~errand_boy.exceptions.UntrustedServer` before
+    a byte is sent.
     """
 
     def __init__(
@@ -64,49 +67,62 @@ class Popen:
         errors: Optional[str] = None,
         timeout: Optional[float] = None,
         shell: Optional[bool] = None,
-        bufsize: int = -1,
+        bufsize: Optional[int] = -1,
+        close_fds: bool = True,
+        pass_fds: Sequence[int] = (),
+        pipesize: int = -1,
         socket_path: Optional[str] = None,
+        trusted_uids: Optional[Iterable[int]] = None,
+        server_env: bool = False,
+        frames: bool = False,
         _input: Union[str, bytes, None] = None,
     ) -> None:
         self.args = args
+        self._returncode: Optional[int] = None  # published by poll/wait, as subprocess does
+        self._wait_lock = threading.Lock()  # looked up now: monkey-patching makes it green
+        bufsize = _check_bufsize(bufsize, close_fds)
         self.stdin: Optional[IO[Any]] = None
         self.stdout: Optional[IO[Any]] = None
         self.stderr: Optional[IO[Any]] = None
         self.text_mode = _text_mode(text, universal_newlines, encoding, errors)
+        if bufsize == 1 and not self.text_mode:
+            warnings.warn(
+                "line buffering (buffering=1) isn't supported in binary mode, "
+                "the default buffer size will be used",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            bufsize = -1
         self._communication_started = False
-        wire_stdin, source = _stdin_plan(stdin)
-        wire_stdout, out_sink = _output_plan(stdout, 1)
-        wire_stderr, err_sink = _output_plan(stderr, 2)
-        request = protocol.encode_request(
-            **_target(args, shell), cwd=cwd, env=env, timeout=timeout,
-            stdin=wire_stdin, stdout=wire_stdout, stderr=wire_stderr,
-        )  # fmt: skip
-        self._command = command = _Command({1: out_sink, 2: err_sink})
-        if stdin is PIPE:
-            self.stdin = _writer(command, bufsize, self.text_mode, encoding, errors)
-        if out_sink is None:
-            self.stdout = _reader(command, 1, bufsize, self.text_mode, encoding, errors)
-        if err_sink is None:
-            self.stderr = _reader(command, 2, bufsize, self.text_mode, encoding, errors)
-        if source is not None:
-            command.set_source(source)
-        elif _input is not None and self.stdin is not None:
-            request += self._take_early_input(_input)
-        command.start(resolve_socket_path(socket_path), request)
-        if command.input_ended and self.stdin is not None:
-            self.stdin.close()  # sends nothing more: the input went with the request
-
-    def _take_early_input(self, input: Union[str, bytes]) -> bytes:
-        """Input given at construction (run, run_cmd): frames to send with the
-        request when small, else a source sent while the reply is read."""
-        self._communication_started = True
-        data = self._encode_input(input)
-        if len(data) > EARLY_INPUT_LIMIT:
-            self._command.set_source(_BytesSource(data))
-            return b""
-        self._command.input_ended = True
-        frames = protocol.input_frame(data) if data else b""
-        return frames + protocol.end_of_input_frame()
+        self._exchange: Optional[PipeExchange] = None
+        self._fd_mode = False
+        self._pipe_input = b""
+        path = resolve_socket_path(socket_path)
+        target = _target(args, shell)
+        common = run_options(target, cwd, env, timeout, server_env)
+        plan = (
+            None
+            if frames or path in _REVISION_ONE
+            else _fds.plan_streams(stdin, stdout, stderr, pass_fds, pipesize)
+        )
+        if plan is None and pass_fds:
+            raise ValueError(
+                "pass_fds needs descriptors, which travel only without frames=True, to a server of "
+                "protocol revision 2, and with a stdin that has a fileno()"
+            )
+        if plan is not None:
+            try:
+                self._start_with_fds(
+                    plan, (stdout, stderr), path, trusted_uids, common, bufsize, encoding, errors, _input
+                )
+                return
+            except BadRequest as exc:
+                if pass_fds or not _speaks_revision_one(path, trusted_uids, exc):
+                    raise
+                _REVISION_ONE.add(path)  # a revision-1 server: frames from now on
+        self._start_with_frames(
+            stdin, stdout, stderr, path, trusted_uids, common, bufsize, encoding, errors, _input
+        )
 
     # -- subprocess attributes ---------------------------------------------
 
@@ -115,14 +131,19 @@ class Popen:
         """The command's process id, in the server's PID namespace."""
         return self._command.pid
 
+    def __class_getitem__(cls, item: Any) -> Any:
+        """``Popen[bytes]``, as subprocess allows."""
+        return types.GenericAlias(cls, item)
+
     @property
     def returncode(self) -> Optional[int]:
-        """None while the command runs; its exit status, or -N for signal N."""
-        return self._command.returncode
+        """None until poll(), wait() or communicate() sees the command end;
+        then its exit status, or -N for signal N (as subprocess)."""
+        return self._returncode
 
     @returncode.setter
     def returncode(self, value: Optional[int]) -> None:
-        self._command.returncode = value
+        self._returncode = value
 
     @property
     def reason(self) -> Optional[str]:
@@ -149,25 +170,40 @@ class Popen:
     # -- waiting -----------------------------------------------------------
 
     def poll(self) -> Optional[int]:
-        """Take in what has arrived, without blocking; the returncode or None."""
+        """Take in what has arrived, without blocking; the returncode or None
+        (None too while another thread waits)."""
         command = self._command
-        if command.returncode is None:
-            if not command.finished:
-                command.pump(lambda: command.finished, time.monotonic())
-            command.raise_failure()
-        return command.returncode
+        if self._returncode is not None or not self._wait_lock.acquire(False):
+            return self._returncode
+        try:
+            if command.returncode is None:
+                if not command.finished:
+                    command.pump(lambda: command.finished, time.monotonic())
+                command.raise_failure()
+            self._returncode = command.returncode
+        finally:
+            self._wait_lock.release()
+        return self._returncode
 
     def wait(self, timeout: Optional[float] = None) -> int:
-        """Wait for the command to end (buffering its unread pipe output)."""
+        """Wait for the command to end (buffering its unread pipe output).
+        Any number of threads may wait at once."""
+        if self._returncode is not None:
+            return self._returncode
         command = self._command
-        if command.returncode is None:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            if not command.pump(lambda: command.finished, deadline):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._wait_lock.acquire(timeout=-1 if deadline is None else max(timeout or 0.0, 0.0)):
+            raise _timeout_expired(self.args, timeout)
+        try:
+            if command.returncode is None and not command.pump(lambda: command.finished, deadline):
                 raise _timeout_expired(self.args, timeout)
-        if command.returncode is None:
-            command.raise_failure()
-            raise ConnectionLost("the connection was given up")
-        return command.returncode
+            if command.returncode is None:
+                command.raise_failure()
+                raise ConnectionLost("the connection was given up")
+            self._returncode = command.returncode
+        finally:
+            self._wait_lock.release()
+        return self._returncode
 
     def communicate(
         self, input: Union[str, bytes, None] = None, timeout: Optional[float] = None
@@ -190,6 +226,8 @@ class Popen:
     def _communicate_bytes(
         self, input: Union[str, bytes, None], deadline: Optional[float], timeout: Optional[float]
     ) -> Tuple[Optional[bytes], Optional[bytes]]:
+        if self._fd_mode:
+            return self._communicate_pipes(input, deadline, timeout)
         command = self._command
         if not self._communication_started:
             self._start_input(input)
@@ -203,7 +241,30 @@ class Popen:
         if command.returncode is None:
             command.raise_failure()
             raise ConnectionLost("the connection was given up")
-        return self._collect(1, self.stdout), self._collect(2, self.stderr)
+        self._returncode = command.returncode
+        out, err = self._collect(1, self.stdout), self._collect(2, self.stderr)
+        for stream in (self.stdout, self.stderr):  # as subprocess: communicate() closes them
+            if stream is not None:
+                stream.close()
+        return out, err
+
+    def _communicate_pipes(
+        self, input: Union[str, bytes, None], deadline: Optional[float], timeout: Optional[float]
+    ) -> Tuple[Optional[bytes], Optional[bytes]]:
+        """communicate() over the real pipes (and the socket, for X)."""
+        exchange = self._exchange
+        if exchange is None:
+            data = self._encode_input(input) if input and self.stdin is not None else self._pipe_input
+            files = {0: self.stdin, 1: self.stdout, 2: self.stderr}
+            exchange = self._exchange = PipeExchange(self._command, files, data)
+        if not exchange.run(deadline):
+            raise _timeout_expired(self.args, timeout, exchange.so_far(1), exchange.so_far(2))
+        command = self._command
+        if command.returncode is None:
+            command.raise_failure()
+            raise ConnectionLost("the connection was given up")
+        self._returncode = command.returncode
+        return exchange.collected(1), exchange.collected(2)
 
     def _start_input(self, input: Union[str, bytes, None]) -> None:
         if self.stdin is None:
@@ -255,7 +316,7 @@ class Popen:
 
     def send_signal(self, sig: int) -> None:
         """Have the server send ``sig`` to the command's process group."""
-        if self.returncode is None:
+        if self._command.returncode is None:
             self._command.send_signal(sig)
 
     def terminate(self) -> None:
@@ -276,15 +337,17 @@ class Popen:
             self.stdout.close()
         if self.stderr is not None:
             self.stderr.close()
-        try:
+        try:  # as subprocess: flushing stdin may raise (BrokenPipeError)
             if self.stdin is not None:
-                self._close_stdin()
+                self.stdin.close()
         finally:
             self._exit_wait(exc_type)
 
     def _exit_wait(self, exc_type: Any) -> None:
         command = self._command
         if command.finished:
+            if self._returncode is None:
+                self._returncode = command.returncode  # None after a failure: nothing to wait for
             return
         if exc_type is KeyboardInterrupt:
             # The command has its own session, so it did not see the SIGINT:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from subprocess import CompletedProcess
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Iterable, Optional, Tuple
 
 from ..defaults import resolve_socket_path
 
@@ -39,29 +39,61 @@ class UNIXSocketTransport:
     ``socket_path`` defaults to ``$ERRAND_BOY_SOCKET``, else ``/tmp/errand-boy``.
     Every method opens its own connection: one transport may be shared by
     threads and greenlets.
+
+    Before sending anything, every connection checks who runs the server
+    (``SO_PEERCRED``): root, this process's effective user, or one of
+    ``trusted_uids`` (default: ``$ERRAND_BOY_TRUSTED_UIDS``, read at each
+    connection); anything else raises
+    :class:`~errand_boy.exceptions.UntrustedServer`.
+
+    Commands run in this process's working directory and environment, as
+    subprocess's children do, unless ``server_env=True`` (the server's own:
+    for a sidecar whose directories differ from ours). Streams travel as
+    descriptors (protocol revision 2) unless ``frames=True`` (all data in
+    frames over the socket: for a socket forwarded from another host).
     """
 
-    def __init__(self, socket_path: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        socket_path: Optional[str] = None,
+        *,
+        trusted_uids: Optional[Iterable[int]] = None,
+        server_env: bool = False,
+        frames: bool = False,
+    ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
+        self.server_env = server_env
+        self.frames = frames
+        self.trusted_uids: Optional[FrozenSet[int]] = None
+        if trusted_uids is not None:
+            self.trusted_uids = _client().trusted_uids_from(trusted_uids)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(socket_path={self.socket_path!r})"
 
+    def _options(self, options: Dict[str, Any]) -> Dict[str, Any]:
+        options.setdefault("trusted_uids", self.trusted_uids)
+        if self.server_env:
+            options.setdefault("server_env", True)
+        if self.frames:
+            options.setdefault("frames", True)
+        return options
+
     def Popen(self, args: Any, **options: Any) -> client.Popen:
         """A :class:`errand_boy.client.Popen` for ``args``, run by this server."""
-        return _client().Popen(args, socket_path=self.socket_path, **options)  # type: ignore[no-any-return]
+        return _client().Popen(args, socket_path=self.socket_path, **self._options(options))  # type: ignore[no-any-return]
 
     def run_cmd(self, cmd: Any, input: Any = None, **options: Any) -> Tuple[client.Popen, Any, Any]:
         """Run ``cmd``; return ``(process, stdout, stderr)``. See :func:`errand_boy.client.run_cmd`."""
-        return _client().run_cmd(cmd, input, socket_path=self.socket_path, **options)  # type: ignore[no-any-return]
+        return _client().run_cmd(cmd, input, socket_path=self.socket_path, **self._options(options))  # type: ignore[no-any-return]
 
     def run(self, args: Any, **options: Any) -> CompletedProcess[Any]:
         """As :func:`subprocess.run`. See :func:`errand_boy.client.run`."""
-        return _client().run(args, socket_path=self.socket_path, **options)  # type: ignore[no-any-return]
+        return _client().run(args, socket_path=self.socket_path, **self._options(options))  # type: ignore[no-any-return]
 
     def status(self) -> Dict[str, Any]:
         """The server's figures (the ``S`` object of an ``op: status`` request)."""
-        return _client().status(self.socket_path)  # type: ignore[no-any-return]
+        return _client().status(self.socket_path, trusted_uids=self.trusted_uids)  # type: ignore[no-any-return]
 
     def run_server(self, **options: Any) -> Any:
         """Run an errand-boy server on this socket (returns when it stops)."""
