@@ -863,6 +863,40 @@ def test_queue_is_first_come_first_served(start_server, groups):
     assert "".join(order) == names
 
 
+def test_queue_is_first_come_first_served_across_workers(start_server, sock_dir, groups):
+    """The older of two requests queued in different workers starts first
+    (one worker alone keeps its own queue in order whatever the scoreboard
+    says)."""
+    path = start_server("--pool-size", "2", "--max-concurrent", "1", "--queue-timeout", "20").socket_path
+    first, second = workers_of(path, 2, timeout=15.0)
+    go, order = os.path.join(sock_dir, "go"), os.path.join(sock_dir, "order")
+    holder, _ = start_and_wait_p(path, extended({"cmd": f"until [ -e {go} ]; do sleep 0.02; done"}), groups)
+    clients = [holder]
+    try:
+        for name, sleeper in (("old", first), ("new", second)):
+            # A stopped worker does not wait in epoll: the other one accepts.
+            os.kill(sleeper, signal.SIGSTOP)
+            try:
+                assert wait_for(lambda p=sleeper: (proc_stat(p) or ("?",))[0] == "T", 10.0)
+                clients.append(RawClient(path, timeout=20))
+                clients[-1].send(extended({"cmd": f"echo {name} $PPID >> {order}; sleep 0.3"}))
+                queued = len(clients) - 1
+                assert wait_for(lambda q=queued: status(path)["queued"] == q, 10.0), (name, status(path))
+            finally:
+                os.kill(sleeper, signal.SIGCONT)
+        time.sleep(0.1)  # both workers poll for a free place by now
+        open(go, "w").close()
+        replies = [client.read_reply() for client in clients]
+    finally:
+        for client in clients:
+            client.close()
+    assert [reply.kinds()[-1] for reply in replies] == ["X", "X", "X"], [r.frames for r in replies]
+    with open(order) as f:
+        ran = [line.split() for line in f.read().splitlines()]
+    # Each request ran in the worker it was given to, and the older went first.
+    assert ran == [["old", str(second)], ["new", str(first)]], ran
+
+
 # --------------------------------------------------------------------------
 # 10. the request timeout, and idle connections
 
