@@ -40,6 +40,7 @@ pytestmark = pytest.mark.integration
 
 PY = sys.executable
 NOBODY = 65534
+NEEDS_ROOT = "needs root: runs a client as another user (os.setgroups, os.setuid)"
 ERROR_CODES = {"bad-request", "too-large", "forbidden", "spawn-failed", "busy", "shutting-down", "internal"}
 
 
@@ -187,6 +188,8 @@ def run_as(
     another user cannot even enter. Everything the child needs is imported
     already.
     """
+    if os.geteuid() != 0:
+        pytest.skip(NEEDS_ROOT)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
@@ -721,6 +724,9 @@ def test_pidfile_lifecycle_and_refusals(start_server, sock_dir):
 
 @pytest.fixture
 def open_dir(sock_dir: str) -> str:
+    """The socket's directory, open to other users (who are tried as root)."""
+    if os.geteuid() != 0:
+        pytest.skip(NEEDS_ROOT)
     os.chmod(sock_dir, 0o711)  # another user must reach the socket
     return sock_dir
 
@@ -754,6 +760,7 @@ def test_forbidden_by_default(start_server, open_dir):
 @pytest.mark.parametrize("option", ["--allow-uid", "--allow-gid"])
 def test_allowed_user_or_group_runs(start_server, open_dir, option):
     server = start_server("--pool-size", "2", "--socket-mode", "0666", option, str(NOBODY))
+    workers_of(server.socket_path, 2, timeout=15.0)  # both registered: status counts two
     marker = os.path.join(open_dir, "marker")
     got = run_as(NOBODY, NOBODY, _as_nobody_run(server.socket_path, marker))
     assert got["result"]["run"] == {"value": "ran\n"}, got
