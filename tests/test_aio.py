@@ -146,7 +146,8 @@ def test_run_timeout_kills_the_process_group(transport: AsyncUNIXSocketTransport
     # The shell led the command's group; the group, the shell and the
     # background sleep are gone.
     assert wait_until(lambda: group_gone(int(shell)), 5.0), f"process group {int(shell)} survived"
-    assert wait_until(lambda: not os.path.exists(f"/proc/{int(background)}"), 5.0), "the background sleep survived"
+    gone = wait_until(lambda: not os.path.exists(f"/proc/{int(background)}"), 5.0)
+    assert gone, "the background sleep survived"
 
 
 def test_timeout_extension_on_create(transport: AsyncUNIXSocketTransport) -> None:

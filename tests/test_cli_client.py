@@ -7,6 +7,7 @@ standard error.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -169,3 +170,41 @@ def test_ctrl_c_twice_gives_up(socket_path: str) -> None:
     finally:
         process.kill()
         process.communicate()
+
+
+# --------------------------------------------------------------------------
+# --status
+
+
+def status_cli(socket_path: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "errand_boy.run", "--socket", socket_path, "--status", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_status_for_a_person(server: Any) -> None:
+    result = status_cli(server.socket_path)
+    assert (result.returncode, result.stderr) == (0, ""), result
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("errand-boy ") and f" on {server.socket_path} " in lines[0], lines
+    assert f"(master pid {server.pid})" in lines[0], lines
+    assert [line.split()[0] for line in lines[1:]] == ["workers", "running", "served", "latency"], lines
+
+
+def test_status_as_json(server: Any) -> None:
+    result = status_cli(server.socket_path, "--json")
+    assert (result.returncode, result.stderr) == (0, ""), result
+    info = json.loads(result.stdout)
+    assert (info["pid"], info["protocol"]) == (server.pid, 1)
+    assert info["workers"] == len(info["worker_pids"]) >= 1
+
+
+@pytest.mark.parametrize("args", [(), ("--json",)])
+def test_status_of_no_server_exits_1_with_one_line(sock_dir: str, args: Any) -> None:
+    path = os.path.join(sock_dir, "nobody-listens")
+    result = status_cli(path, *args)
+    assert (result.returncode, result.stdout) == (1, ""), result
+    message = result.stderr.strip()
+    assert message.startswith("errand-boy: ") and "\n" not in message, message
+    assert path in message, message
