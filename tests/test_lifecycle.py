@@ -1410,8 +1410,10 @@ def test_rlimit_spawn_cost(start_server):
     )
     # Setting two limits in the child is a few system calls: even on a loaded
     # machine (the two servers are timed in turn, under the same load) it
-    # must not make a spawn several times dearer.
-    assert medians["limited"] <= 3 * medians["plain"] + 2000, medians
+    # must not make a spawn several times dearer. Under coverage the figure
+    # is coverage's own cost in a traced fork, and says nothing of ours.
+    if not (os.environ.get("COVERAGE_PROCESS_CONFIG") or os.environ.get("COVERAGE_PROCESS_START")):
+        assert medians["limited"] <= 3 * medians["plain"] + 2000, medians
 
 
 # --------------------------------------------------------------------------
