@@ -118,6 +118,15 @@ def test_run_check_raises_called_process_error(transport: AsyncUNIXSocketTranspo
     assert run_async(lambda: transport.run("exit 0", check=True)).returncode == 0
 
 
+def test_run_check_raises_for_a_signal_too(transport: AsyncUNIXSocketTransport) -> None:
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        run_async(lambda: transport.run("kill -9 $$", check=True))
+    assert info.value.returncode == -signal.SIGKILL
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        run_async(lambda: aio.run("kill -9 $$", check=True, socket_path=transport.socket_path))
+    assert info.value.returncode == -signal.SIGKILL
+
+
 def test_run_argument_errors_as_subprocess(transport: AsyncUNIXSocketTransport) -> None:
     with pytest.raises(ValueError, match="stdin and input"):
         run_async(lambda: transport.run("cat", input=b"x", stdin=PIPE))
@@ -129,11 +138,17 @@ def test_run_timeout_kills_the_process_group(transport: AsyncUNIXSocketTransport
     started = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired) as info:
         run_async(
-            lambda: transport.run("echo begun; sleep 100 & sleep 100", timeout=0.5, capture_output=True)
+            lambda: transport.run("sleep 100 & echo begun $$ $!; sleep 100", timeout=0.5, capture_output=True)
         )
     assert time.monotonic() - started < 3
     assert info.value.timeout == 0.5
-    assert info.value.output == b"begun\n"
+    begun, shell, background = info.value.output.split()
+    assert begun == b"begun"
+    # The shell led the command's group; the group, the shell and the
+    # background sleep are gone.
+    assert wait_until(lambda: group_gone(int(shell)), 5.0), f"process group {int(shell)} survived"
+    gone = wait_until(lambda: not os.path.exists(f"/proc/{int(background)}"), 5.0)
+    assert gone, "the background sleep survived"
 
 
 def test_timeout_extension_on_create(transport: AsyncUNIXSocketTransport) -> None:

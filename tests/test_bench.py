@@ -2,6 +2,7 @@
 
 The figures' values are not checked: on a shared machine they are
 measurements, not assertions (the bench itself says "met" or "missed").
+What is checked is that each verdict agrees with its figures and target.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -19,6 +21,24 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MEASURE_KEYS = {"metric", "unit", "errand_boy", "baseline", "ratio", "target", "met", "note"}
+
+
+def _judge(measure: dict) -> Optional[bool]:
+    """Whether ``measure`` met its target, worked out again from the target's text."""
+    target, value, base = measure["target"], measure["errand_boy"], measure["baseline"]
+    if target is None or value is None:
+        return None
+    words = target.split()
+    if words[0] == "ratio":  # "ratio <= 1.5", "ratio >= 0.8"
+        bound = float(words[2])
+        return base is not None and (value / base <= bound if words[1] == "<=" else value / base >= bound)
+    if target == "<= local":
+        return base is not None and value <= base
+    if words[0] == "<=":  # "<= 5 ms"
+        return value <= float(words[1])
+    if words[0] == "==":
+        return value == float(words[1])
+    raise AssertionError(f"a target this test does not know: {target!r}")
 
 
 def test_quick_bench_writes_json(tmp_path: Path) -> None:
@@ -42,6 +62,6 @@ def test_quick_bench_writes_json(tmp_path: Path) -> None:
         for measure in result["measures"]:
             assert set(measure) >= MEASURE_KEYS, (name, measure)
             assert measure["errand_boy"] > 0 and measure["baseline"] > 0, (name, measure)
-            assert measure["met"] in (True, False), (name, measure)
+            assert measure["met"] is _judge(measure), (name, measure)
             assert measure["ratio"] == pytest.approx(measure["errand_boy"] / measure["baseline"])
         assert f"{name} " in proc.stdout  # its row in the table

@@ -7,6 +7,7 @@ standard error.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -123,22 +124,42 @@ def test_closed_stdout_ends_the_command(socket_path: str) -> None:
     assert stderr == b""
 
 
+#: Starts the command line with SIGINT's default disposition. A shell that
+#: runs a script's background job (`pytest ... &`) has it ignored, and an
+#: ignored SIGINT is inherited and kept, by Python as by any program that
+#: honours it: the CLI would never see the Ctrl-C these tests send.
+SIGINT_DEFAULT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
+def start_for_ctrl_c(socket_path: str, command: str) -> subprocess.Popen[bytes]:
+    argv = cli(socket_path, command)
+    return subprocess.Popen(
+        [argv[0], "-c", SIGINT_DEFAULT, *argv[1:]], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+    )
+
+
 def test_ctrl_c_is_passed_on_to_the_command(socket_path: str) -> None:
     command = "trap 'echo got-int; exit 5' INT; echo started; while :; do sleep 0.05; done"
-    process = subprocess.Popen(cli(socket_path, command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-    with process:
+    process = start_for_ctrl_c(socket_path, command)
+    try:
         assert process.stdout is not None
         assert process.stdout.readline() == b"started\n"
         time.sleep(0.3)  # the client is waiting by now
         process.send_signal(signal.SIGINT)
-        assert process.stdout.read() == b"got-int\n"
-        assert process.wait(timeout=10) == 5
+        assert process.communicate(timeout=10)[0] == b"got-int\n"
+        assert process.returncode == 5
+    finally:
+        process.kill()
+        process.communicate()
 
 
 def test_ctrl_c_twice_gives_up(socket_path: str) -> None:
     command = "trap '' INT; echo started; exec sleep 30"
-    process = subprocess.Popen(cli(socket_path, command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-    with process:
+    process = start_for_ctrl_c(socket_path, command)
+    try:
         assert process.stdout is not None
         assert process.stdout.readline() == b"started\n"
         time.sleep(0.3)
@@ -146,3 +167,44 @@ def test_ctrl_c_twice_gives_up(socket_path: str) -> None:
         time.sleep(0.3)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=10) == 128 + signal.SIGINT
+    finally:
+        process.kill()
+        process.communicate()
+
+
+# --------------------------------------------------------------------------
+# --status
+
+
+def status_cli(socket_path: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "errand_boy.run", "--socket", socket_path, "--status", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_status_for_a_person(server: Any) -> None:
+    result = status_cli(server.socket_path)
+    assert (result.returncode, result.stderr) == (0, ""), result
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("errand-boy ") and f" on {server.socket_path} " in lines[0], lines
+    assert f"(master pid {server.pid})" in lines[0], lines
+    assert [line.split()[0] for line in lines[1:]] == ["workers", "running", "served", "latency"], lines
+
+
+def test_status_as_json(server: Any) -> None:
+    result = status_cli(server.socket_path, "--json")
+    assert (result.returncode, result.stderr) == (0, ""), result
+    info = json.loads(result.stdout)
+    assert (info["pid"], info["protocol"]) == (server.pid, 1)
+    assert info["workers"] == len(info["worker_pids"]) >= 1
+
+
+@pytest.mark.parametrize("args", [(), ("--json",)])
+def test_status_of_no_server_exits_1_with_one_line(sock_dir: str, args: Any) -> None:
+    path = os.path.join(sock_dir, "nobody-listens")
+    result = status_cli(path, *args)
+    assert (result.returncode, result.stdout) == (1, ""), result
+    message = result.stderr.strip()
+    assert message.startswith("errand-boy: ") and "\n" not in message, message
+    assert path in message, message

@@ -341,6 +341,17 @@ def test_run_check_raises_called_process_error(transport: UNIXSocketTransport) -
     assert (error.output, error.stdout, error.stderr) == (b"out\n", b"out\n", b"err\n")
 
 
+def test_run_check_raises_for_a_signal_too(transport: UNIXSocketTransport) -> None:
+    # subprocess raises for any non-zero return code, a negative one (killed
+    # by a signal) included.
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        transport.run("kill -9 $$", check=True)
+    assert info.value.returncode == -signal.SIGKILL
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        client.run("kill -9 $$", check=True, socket_path=transport.socket_path)
+    assert info.value.returncode == -signal.SIGKILL
+
+
 def test_run_without_capture_inherits_our_descriptors(transport: UNIXSocketTransport, capfdbinary) -> None:
     """As subprocess: the command writes to this process's own fds 1 and 2."""
     result = transport.run("echo to-stdout; echo to-stderr >&2")
@@ -481,6 +492,36 @@ def test_signals_give_negative_returncodes(transport: UNIXSocketTransport, actio
     assert process.wait(timeout=5) == returncode
     assert process.reason == "signal"
     action(process)  # a no-op once the command has ended, as subprocess
+
+
+def _processes_running(argv: List[bytes]) -> List[int]:
+    """Live processes whose command line is exactly ``argv``."""
+    wanted = b"\0".join(argv) + b"\0"
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if f.read() == wanted:
+                        found.append(int(name))
+            except OSError:
+                pass
+    return found
+
+
+def test_a_finished_commands_leftovers_are_killed(transport: UNIXSocketTransport) -> None:
+    # The background sleep holds none of the command's pipes, so the command
+    # ends (X) while it still runs: it must not outlive its command. (A
+    # duration of its own tells it from every other sleep on the machine.)
+    duration = f"77.{os.getpid()}{time.monotonic_ns() % 1_000_000}"
+    process, _, _ = transport.run_cmd(f"sleep {duration} >/dev/null 2>&1 & echo $!")
+    assert process.returncode == 0
+    argv = [b"sleep", duration.encode()]
+    try:
+        assert wait_until(lambda: not _processes_running(argv), 5.0), "the background sleep survived"
+    finally:
+        for pid in _processes_running(argv):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_signal_reaches_the_whole_group(transport: UNIXSocketTransport) -> None:

@@ -447,6 +447,9 @@ class Connection(Flushable):
             reason = "exit"
         duration = time.monotonic() - self.started
         self.send_started()
+        # Counted before X leaves: a client that asks for the figures once
+        # it has its reply sees its command among them.
+        self.worker.count_served()
         self.queue(
             protocol.exit_frame(returncode, reason, duration=round(duration, 6), cpu=round(self.cpu, 6))
         )

@@ -295,8 +295,11 @@ class Worker:
     def command_started(self, conn: Connection) -> None:
         self.children[conn.pid] = conn  # (its place was counted by admit)
 
-    def command_finished(self, conn: Connection, returncode: int, reason: str, duration: float) -> None:
+    def count_served(self) -> None:
+        """One more command served (called just before its X frame is queued)."""
         self.board.add(self.index, sb.SERVED)
+
+    def command_finished(self, conn: Connection, returncode: int, reason: str, duration: float) -> None:
         self.board.record_duration(self.index, duration)
         self.release_place()
         if log.isEnabledFor(logging.INFO):
