@@ -237,7 +237,7 @@ def hang_up_server(sock_dir: str) -> Iterator[str]:
 
 
 def test_sync_client_connection_lost_inside_a_payload(hang_up_server: str) -> None:
-    transport = UNIXSocketTransport(hang_up_server)
+    transport = UNIXSocketTransport(hang_up_server, frames=True)  # the payload travels in frames
 
     def read_in_pieces() -> None:
         process = transport.Popen("echo hi")
@@ -260,7 +260,7 @@ def test_sync_client_connection_lost_inside_a_payload(hang_up_server: str) -> No
 
 def test_asyncio_client_connection_lost_inside_a_payload(hang_up_server: str) -> None:
     async def attempt() -> Any:
-        return await aio.run_cmd("echo hi", socket_path=hang_up_server)
+        return await aio.run_cmd("echo hi", socket_path=hang_up_server, frames=True)
 
     with pytest.raises(ConnectionLost) as info:
         asyncio.run(attempt())
