@@ -11,6 +11,7 @@ from typing import Iterable, Optional, Tuple
 
 from ..defaults import resolve_socket_path
 from ..protocol import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_REQUEST_BYTES
+from .containment import MODES
 from .listener import AlreadyRunning
 from .logs import configure_logging
 from .master import ServerConfig, run_master
@@ -88,6 +89,7 @@ def serve(
     pidfile: Optional[str] = None,
     log_level: Optional[str] = None,
     log_format: str = "text",
+    containment: str = "auto",
 ) -> int:
     """Run a server until it is stopped; returns the exit status (0).
 
@@ -96,7 +98,12 @@ def serve(
     server listens there (or holds the pidfile), :class:`ValueError` for
     bad options. ``timeout`` is the default for commands that set none.
     It installs signal handlers, so it must run in the main thread.
+    ``containment`` is ``auto`` (a cgroup per command where the server can
+    make cgroups, process groups elsewhere), ``cgroup`` (or fail) or
+    ``group``.
     """
+    if containment not in MODES:
+        raise ValueError(f"containment must be one of {', '.join(MODES)}, not {containment!r}")
     if max_request_bytes < 65536:
         raise ValueError("max_request_bytes must be at least 65536 (the protocol's minimum)")
     if log_level is not None or log_format != "text":
@@ -107,6 +114,7 @@ def serve(
         socket_mode=socket_mode,
         socket_group=socket_group,
         pidfile=pidfile,
+        containment=containment,
         worker=WorkerConfig(
             max_request_bytes=max_request_bytes,
             max_frame_bytes=max_frame_bytes,
