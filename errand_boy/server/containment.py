@@ -7,7 +7,7 @@ them all at once. Where the server can create cgroups (cgroup v2, as root
 or under a delegated subtree such as systemd's ``Delegate=yes``) it lays
 them out so::
 
-    <its own cgroup>/errand-boy-<master pid>/     one subtree per server
+    <its own cgroup>/errand-boy-<master pid>-<random>/   one subtree per server
         server/                                   the master and its workers
         cmd-<worker pid>-<n>/                     one command each
 
@@ -20,6 +20,9 @@ there, on subprocess's vfork path), and writes itself back into
 ``mkdir`` is kept off the command's path by a small pool of empty cgroups
 made after a reply has gone; ``rmdir`` happens then too. Names carry the
 worker's pid, so the master can kill what a dead worker leaves behind.
+(The random part keeps apart servers in different PID namespaces, which
+may share a pid.) A subtree whose ``server/`` holds no process, left by a
+server killed outright, is removed by the next server that starts there.
 
 Without cgroups (``--containment group``, no cgroup v2, no permission) the
 server falls back to process groups; see the deployment guide for what can
@@ -31,6 +34,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from typing import List, Optional, Tuple
 
 log = logging.getLogger("errand_boy.server")
@@ -39,6 +43,9 @@ MODES = ("auto", "cgroup", "group")
 #: Empty command cgroups a worker keeps ready.
 POOL = 2
 PREFIX = "errand-boy-"
+#: A subtree with no server in it is a leftover once this old (seconds):
+#: younger, it may be one that a server is still setting up.
+LEFTOVER_AGE = 10.0
 
 
 class ContainmentError(ValueError):
@@ -101,16 +108,6 @@ def kill_cgroup(path: str) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_tree(path: str) -> bool:
     """Kill and remove a cgroup and its children; False if some remain busy."""
     done = True
@@ -137,7 +134,7 @@ class ServerCgroup:
 
     def __init__(self, master_pid: int) -> None:
         self.home = own_cgroup_dir()
-        self.base = os.path.join(self.home, f"{PREFIX}{master_pid}")
+        self.base = os.path.join(self.home, f"{PREFIX}{master_pid}-{os.urandom(4).hex()}")
         self.server = os.path.join(self.base, "server")
         self.pending: List[str] = []  # cgroups to remove once empty
 
@@ -145,9 +142,6 @@ class ServerCgroup:
         """Make the subtree and move the master into it; ContainmentError."""
         self.remove_leftovers()
         try:
-            os.mkdir(self.base)
-        except FileExistsError:
-            _remove_tree(self.base)
             os.mkdir(self.base)
         except OSError as exc:
             raise ContainmentError(f"cannot create a cgroup in {self.home}: {exc.strerror}") from None
@@ -169,11 +163,18 @@ class ServerCgroup:
             names = os.listdir(self.home)
         except OSError:
             return
+        now = time.time()
         for name in names:
-            number = name[len(PREFIX) :]
-            if name.startswith(PREFIX) and number.isdigit() and not _alive(int(number)):
-                log.info("removing the cgroups of a server that is gone: %s", name)
-                _remove_tree(os.path.join(self.home, name))
+            path = os.path.join(self.home, name)
+            if not name.startswith(PREFIX) or populated(os.path.join(path, "server")):
+                continue
+            try:
+                if now - os.stat(path).st_mtime < LEFTOVER_AGE:
+                    continue
+            except OSError:
+                continue
+            log.info("removing the cgroups of a server that is gone: %s", name)
+            _remove_tree(path)
 
     def worker_gone(self, worker_pid: int) -> int:
         """Kill the cgroups of a dead worker's commands; how many had any."""

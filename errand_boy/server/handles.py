@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import TYPE_CHECKING, Callable, FrozenSet, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, FrozenSet, Iterator, List, Optional, Tuple
 
 if TYPE_CHECKING:
     from .containment import Cgroup
@@ -111,6 +111,26 @@ def processes() -> Iterator[Tuple[int, bytes, int, int, int]]:
                 yield (int(name), *stat)
 
 
+def children(me: int) -> Iterator[Tuple[int, bytes, int, int, int]]:
+    """Like processes(), for our own children only.
+
+    ``/proc/<pid>/task/<tid>/children`` (about 40 microseconds) where the
+    kernel has it, else a look through every process.
+    """
+    try:
+        pids: List[int] = []
+        for tid in os.listdir(f"/proc/{me}/task"):
+            with open(f"/proc/{me}/task/{tid}/children", "rb") as f:
+                pids.extend(int(pid) for pid in f.read().split())
+    except OSError:
+        yield from (entry for entry in processes() if entry[2] == me)
+        return
+    for pid in pids:
+        stat = proc_stat(pid)
+        if stat is not None and stat[1] == me:
+            yield (pid, *stat)
+
+
 def kill_session(sid: int, skip: int = 0) -> int:
     """SIGKILL every process of session ``sid``, through pidfds.
 
@@ -129,15 +149,15 @@ def kill_session(sid: int, skip: int = 0) -> int:
 def kill_adopted(me: int, keep: FrozenSet[int]) -> int:
     """SIGKILL our children (orphans adopted by this subreaper) but ``keep``."""
     killed = 0
-    for pid, state, ppid, _, _ in processes():
-        if ppid == me and pid not in keep and state != b"Z":
+    for pid, state, _, _, _ in children(me):
+        if pid not in keep and state != b"Z":
             killed += _kill_checked(pid, lambda stat: stat[1] == me)
     return killed
 
 
 def zombie_children(me: int, keep: FrozenSet[int]) -> Iterator[int]:
-    for pid, state, ppid, _, _ in processes():
-        if ppid == me and state == b"Z" and pid not in keep:
+    for pid, state, _, _, _ in children(me):
+        if state == b"Z" and pid not in keep:
             yield pid
 
 

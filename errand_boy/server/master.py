@@ -42,7 +42,7 @@ from .._ids import group_id
 from . import scoreboard as sb
 from . import systemd
 from .containment import ServerCgroup, choose
-from .handles import processes
+from .handles import children
 from .listener import bind_unix_socket, remove_socket_file
 from .logs import flush_summaries
 from .pidfile import PidFile
@@ -374,8 +374,8 @@ class Master:
         killed = self.cgroup.worker_gone(worker_pid) if self.cgroup is not None else 0
         me = os.getpid()
         spare = {os.getpgrp(), *self.pids}
-        for pid, state, ppid, pgid, _ in processes():
-            if ppid != me or pid in self.pids or state == b"Z":
+        for pid, state, _, pgid, _ in children(me):
+            if pid in self.pids or state == b"Z":
                 continue
             try:
                 pidfd = os.pidfd_open(pid)

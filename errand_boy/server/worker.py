@@ -53,8 +53,6 @@ WORKER_SIGNALS = frozenset(
 QUEUE_POLL = 0.005
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _WAITED = os.WEXITED | os.WNOHANG | os.WNOWAIT
-#: Orphans are looked for through /proc (while a leader is held) at most this often.
-ORPHAN_SCAN_INTERVAL = 0.5
 
 
 @dataclass(frozen=True)
@@ -109,8 +107,6 @@ class Worker:
         # Commands' leaders not yet reaped -> their connections (None: aborted).
         self.leaders: Dict[Leader, Optional[Connection]] = {}
         self.cgroups: Optional[CommandCgroups] = None
-        self.orphan_timer: Optional[Any] = None
-        self.last_scan = 0.0
         self.shutting_down = False  # SIGTERM: no new command starts
         self.orphaned = False
         self.commands = 0
@@ -394,14 +390,12 @@ class Worker:
             extra={"fields": {**_command_fields(conn), "flood_key": "busy"}},
         )
 
-    def reap(self, retried: bool = False) -> None:
+    def reap(self) -> None:
         """Reap adopted orphans that have exited (on SIGCHLD).
 
         Leaders are reaped through their pidfds. One held until its
         command finishes hides the children behind it from waitid(P_ALL):
-        those are looked for in /proc, after a short wait (the leader is
-        usually released at once) and then at most every
-        ``ORPHAN_SCAN_INTERVAL`` seconds.
+        those are found through /proc instead.
         """
         held: Optional[Dict[int, Leader]] = None
         while True:
@@ -426,23 +420,12 @@ class Worker:
                 if leader.reaped:
                     continue
             break
-        if self.orphan_timer is not None:
-            return
-        wait = 0.02 if not retried else max(0.0, self.last_scan + ORPHAN_SCAN_INTERVAL - self.loop.now)
-        if retried and wait == 0.0:
-            self.last_scan = self.loop.now
-            keep = frozenset(leader.pid for leader in self.leaders)
-            for pid in zombie_children(os.getpid(), keep):
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-            return
-        self.orphan_timer = self.loop.call_later(wait, self.reap_again)
-
-    def reap_again(self) -> None:
-        self.orphan_timer = None
-        self.reap(retried=True)
+        keep = frozenset(leader.pid for leader in self.leaders)
+        for pid in zombie_children(os.getpid(), keep):
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
 
     # ------------------------------------------------------------------
     # stopping
