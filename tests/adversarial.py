@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from typing import Dict, List, Optional
 
@@ -32,6 +33,16 @@ class IsolatedServer(ServerProcess):
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=new_session)
         self.wait_ready()
+        # The master: unshare's child (unshare itself blocks SIGTERM).
+        self.master = children_of(self.proc.pid)[0] if prefix else self.proc.pid
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.master != self.proc.pid and self.proc.poll() is None:
+            try:
+                os.kill(self.master, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        return super().stop(timeout)
 
 
 def children_of(pid: int) -> List[int]:

@@ -213,7 +213,10 @@ def test_reused_pid_is_never_signalled(sock_dir: str, containment: str, trigger:
         elif trigger == "disconnect":
             first.sock.shutdown(socket.SHUT_RDWR)
             first.close()
-        reply = innocent.read_reply()
+        try:
+            reply = innocent.read_reply()
+        finally:
+            innocent.close()
         assert reply.exit["returncode"] == 0 and reply.stdout == b"innocent\n", (
             f"the process that {'took' if took_it else 'was offered'} the command's old pid "
             f"{leader} was hit: {reply.frames}"
