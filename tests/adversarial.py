@@ -18,7 +18,6 @@ from conftest import ServerProcess
 from procs import all_pids, proc_stat, zombie_children
 
 
-
 class IsolatedServer(ServerProcess):
     """A server behind ``prefix`` (``unshare ...``) or in a new session."""
 

@@ -46,11 +46,15 @@ def _slow_missing_dir(root: str) -> str:
     return os.path.join(root, "l38", "missing")
 
 
-def _workers(master: int, killed: "set[int]") -> List[int]:
-    return [pid for pid in children_of(master) if pid not in killed and _title(pid).startswith(b"errand-boy worker")]
+def _workers(master: int, killed: set[int]) -> List[int]:
+    return [
+        pid
+        for pid in children_of(master)
+        if pid not in killed and _title(pid).startswith(b"errand-boy worker")
+    ]
 
 
-def _one_worker(server: IsolatedServer, killed: "set[int]") -> int:
+def _one_worker(server: IsolatedServer, killed: set[int]) -> int:
     master = server.pid
     deadline = time.monotonic() + 10.0
     while time.monotonic() < deadline:
@@ -96,7 +100,7 @@ def test_master_never_kills_its_own_group(sock_dir: str, slow_dir: str) -> None:
     server = IsolatedServer(path, ["--pool-size", "1", "--max-child-tasks", "1", "--containment", "group"],
                             new_session=True)
     master = server.pid
-    killed: "set[int]" = set()
+    killed: set[int] = set()
     caught = 0
     try:
         assert wait_for(lambda: len(_workers(master, killed)) == 1, 10.0)
@@ -116,7 +120,7 @@ def test_master_never_kills_its_own_group(sock_dir: str, slow_dir: str) -> None:
                 client.send(extended({"argv": ["true"], "cwd": slow}))
                 # Kill it once it has forked (the command is in chdir(), in
                 # the master's group), sometimes a little later.
-                wait_for(lambda: _forked(worker) or not os.path.exists(f"/proc/{worker}"), 5.0, 0.0)
+                wait_for(lambda w=worker: _forked(w) or not os.path.exists(f"/proc/{w}"), 5.0, 0.0)
                 if not _forked(worker):
                     continue  # it served the command before we saw it
                 time.sleep(rng.choice((0.0, 0.0, 0.001, 0.003)))
