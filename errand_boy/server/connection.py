@@ -221,7 +221,7 @@ class Connection(Flushable):
         self.cancel_timers()
         self.started = time.monotonic()
         try:
-            with worker.containing() as cgroup:
+            with worker.leaders.containing() as cgroup:
                 child = spawn(request, worker.config.rlimits)
                 self.leader = _hold(child, cgroup)
         except SpawnError as exc:
@@ -336,7 +336,7 @@ class Connection(Flushable):
         leader = self.leader
         if self.state == "running" and leader is not None:
             leader.kill()
-            self.worker.kill_escaped(leader)
+            self.worker.leaders.kill_escaped(leader)
 
     def on_timeout(self) -> None:
         if self.state == "running":
@@ -379,7 +379,7 @@ class Connection(Flushable):
                 return
             # What is left of its group is killed while the group id is
             # still the command's, then the leader is reaped.
-            self.status, self.cpu = self.worker.end_leader(leader)
+            self.status, self.cpu = self.worker.leaders.end(leader)
         returncode = os.waitstatus_to_exitcode(self.status)
         if self.timed_out:
             reason = "timeout"
@@ -398,7 +398,7 @@ class Connection(Flushable):
         self.flush()
         # Whatever is left of the command's cgroup is killed too: nothing
         # it started survives it (its group was killed before the reaping).
-        self.worker.release_leader(leader)
+        self.worker.leaders.release(leader)
         self.close_stdin()
         self.worker.command_finished(self, returncode, reason, duration)
 

@@ -198,11 +198,18 @@ class ServerCgroup:
         self.pending = [path for path in self.pending if not _remove_tree(path)]
 
     def remove(self) -> None:
-        """Kill everything left in the subtree, leave it, remove it."""
+        """Leave the subtree, kill everything left in it, remove it."""
         try:
             _write(os.path.join(self.home, "cgroup.procs"), b"0")
         except OSError as exc:
-            log.warning("cannot move back into %s: %s; the server's cgroup stays", self.home, exc.strerror)
+            # Still inside: kill and remove the commands' cgroups only.
+            log.warning("cannot move back into %s: %s; %s stays", self.home, exc.strerror, self.base)
+            for name in os.listdir(self.base):
+                if name.startswith("cmd-"):
+                    path = os.path.join(self.base, name)
+                    if not _remove_tree(path):
+                        self.pending.append(path)
+            return
         if not _remove_tree(self.base):
             # Killed processes take a moment to exit; the caller reaps them.
             self.pending.append(self.base)

@@ -6,7 +6,7 @@ connection instead of all of them). It is a child subreaper: a command's
 orphaned descendants are re-parented to it rather than to pid 1, which may
 never reap them. A command's leader is reaped through its pidfd, which is
 in the epoll loop (see handles.py: it stays unreaped until its command is
-finished); adopted orphans are reaped on ``SIGCHLD``.
+finished); adopted orphans are reaped on ``SIGCHLD`` (see leaders.py).
 """
 
 from __future__ import annotations
@@ -22,21 +22,20 @@ import struct
 import sys
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, FrozenSet, Iterator, Optional, Set, Tuple
+from typing import Any, Deque, Dict, FrozenSet, Optional, Set, Tuple
 
 from setproctitle import setproctitle
 
 from .. import __version__
 from . import scoreboard as sb
 from .connection import Connection
-from .containment import Cgroup, CommandCgroups
-from .handles import Leader, kill_adopted, kill_session, zombie_children
+from .containment import CommandCgroups
+from .leaders import Leaders
 from .logs import command_text, flush_summaries
 from .loop import IN, Loop
 from .scoreboard import Scoreboard, now_us
-from .spawn import Rlimits, SpawnError
+from .spawn import Rlimits
 
 log = logging.getLogger("errand_boy.server")
 
@@ -52,7 +51,6 @@ WORKER_SIGNALS = frozenset(
 #: only seen by looking.
 QUEUE_POLL = 0.005
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-_WAITED = os.WEXITED | os.WNOHANG | os.WNOWAIT
 
 
 @dataclass(frozen=True)
@@ -104,9 +102,7 @@ class Worker:
         self.master_pid = master_pid
         self.loop = Loop()
         self.connections: Set[Connection] = set()
-        # Commands' leaders not yet reaped -> their connections (None: aborted).
-        self.leaders: Dict[Leader, Optional[Connection]] = {}
-        self.cgroups: Optional[CommandCgroups] = None
+        self.leaders = Leaders(self.loop)
         self.shutting_down = False  # SIGTERM: no new command starts
         self.orphaned = False
         self.commands = 0
@@ -121,7 +117,7 @@ class Worker:
         setproctitle(f"errand-boy worker {self.index}")
         become_subreaper()
         if self.config.cgroup_base is not None:
-            self.cgroups = CommandCgroups(self.config.cgroup_base)
+            self.leaders.cgroups = CommandCgroups(self.config.cgroup_base)
         # A master killed outright must not leave its workers serving: the
         # kernel sends SIGTERM when it dies (and getppid() covers the race).
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -143,7 +139,7 @@ class Worker:
         log.debug("worker %d ready", self.index)
         try:
             next_flush = 0.0
-            while self.listener is not None or self.connections or self.leaders:
+            while self.listener is not None or self.connections or self.leaders.held:
                 self.loop.run_once(1.0)
                 if self.loop.now >= next_flush:  # summaries of repeated warnings
                     flush_summaries()
@@ -153,17 +149,9 @@ class Worker:
                     self.orphaned = True
                     self.shut_down(now=True)
         finally:
-            self.contain_leftovers()
+            self.leaders.close()
             flush_summaries(final=True)
         log.debug("worker %d done", self.index)
-
-    def contain_leftovers(self) -> None:
-        """At exit: kill the orphans we adopted and our commands' cgroups."""
-        killed = kill_adopted(os.getpid(), frozenset(leader.pid for leader in self.leaders))
-        if killed:
-            log.info("worker %d: killed %d processes left behind by commands", self.index, killed)
-        if self.cgroups is not None:
-            self.cgroups.close()
 
     def on_signal(self, mask: int) -> None:
         try:
@@ -172,7 +160,7 @@ class Worker:
             return
         for signum in data:
             if signum == signal.SIGCHLD:
-                self.reap()
+                self.leaders.reap()
             elif signum == signal.SIGTERM:
                 self.shut_down(now=self.shutting_down)
             elif signum == signal.SIGUSR1:
@@ -293,64 +281,8 @@ class Worker:
         if self.waiting:
             self.start_waiting()
 
-    @contextmanager
-    def containing(self) -> Iterator[Optional[Cgroup]]:
-        """Around spawn(): what is spawned inside is born in a cgroup of its own."""
-        cgroups = self.cgroups
-        if cgroups is None:
-            yield None
-            return
-        try:
-            cgroup = cgroups.enter()
-        except OSError as exc:
-            raise SpawnError(exc.errno, f"cannot give the command a cgroup of its own: {exc.strerror}",
-                             None) from exc
-        try:
-            yield cgroup
-        except BaseException:
-            cgroups.leave()
-            cgroups.release(cgroup)
-            raise
-        cgroups.leave()
-
     def command_started(self, conn: Connection) -> None:
-        leader = conn.leader
-        assert leader is not None
-        self.leaders[leader] = conn  # (its place was counted by admit)
-        self.loop.register(leader.pidfd, IN, lambda mask: self.on_leader_exit(leader))
-
-    def on_leader_exit(self, leader: Leader) -> None:
-        """A leader's pidfd is readable: it has exited (and is not reaped)."""
-        if self.loop.registered(leader.pidfd):
-            self.loop.unregister(leader.pidfd)  # it stays readable
-        leader.exited = True
-        if leader not in self.leaders:
-            return
-        conn = self.leaders[leader]
-        if conn is not None:
-            conn.on_leader_exit()
-        else:  # its command was aborted: nobody waits for it
-            self.end_leader(leader)
-            self.release_leader(leader)
-
-    def end_leader(self, leader: Leader) -> Tuple[int, float]:
-        """Kill what is left of an exited leader's group, then reap it."""
-        if self.loop.registered(leader.pidfd):
-            self.loop.unregister(leader.pidfd)
-        result = leader.reap()
-        del self.leaders[leader]
-        return result
-
-    def release_leader(self, leader: Leader) -> None:
-        """Kill what is left of the command's cgroup and remove it."""
-        if leader.cgroup is not None and self.cgroups is not None:
-            self.cgroups.release(leader.cgroup)
-            leader.cgroup = None
-
-    def kill_escaped(self, leader: Leader) -> None:
-        """Without cgroups: kill what left the command's group but not its session."""
-        if leader.cgroup is None and not leader.reaped:
-            kill_session(leader.pid)
+        self.leaders.add(conn)  # (its place was counted by admit)
 
     def command_finished(self, conn: Connection, returncode: int, reason: str, duration: float) -> None:
         self.board.add(self.index, sb.SERVED)
@@ -366,12 +298,8 @@ class Worker:
     def command_aborted(self, conn: Connection, why: str) -> None:
         self.board.add(self.index, sb.FAILED)
         self.release_place()
-        leader = conn.leader
-        if leader is not None and leader in self.leaders:
-            self.leaders[leader] = None  # still to be reaped, for nobody
-            if leader.poll():
-                self.end_leader(leader)
-                self.release_leader(leader)
+        if conn.leader is not None:
+            self.leaders.abandon(conn.leader)
         duration = time.monotonic() - conn.started
         log.info(
             "command killed",
@@ -389,43 +317,6 @@ class Worker:
             "command refused: busy",
             extra={"fields": {**_command_fields(conn), "flood_key": "busy"}},
         )
-
-    def reap(self) -> None:
-        """Reap adopted orphans that have exited (on SIGCHLD).
-
-        Leaders are reaped through their pidfds. One held until its
-        command finishes hides the children behind it from waitid(P_ALL):
-        those are found through /proc instead.
-        """
-        held: Optional[Dict[int, Leader]] = None
-        while True:
-            try:
-                info = os.waitid(os.P_ALL, 0, _WAITED)
-            except ChildProcessError:
-                return
-            if info is None:
-                return
-            if held is None:
-                held = {leader.pid: leader for leader in self.leaders}
-            leader = held.get(info.si_pid)
-            if leader is None:
-                try:
-                    os.waitpid(info.si_pid, os.WNOHANG)  # an orphan we adopted
-                except ChildProcessError:
-                    pass
-                continue
-            if not leader.exited:
-                self.on_leader_exit(leader)  # ahead of its pidfd's event
-                held = None
-                if leader.reaped:
-                    continue
-            break
-        keep = frozenset(leader.pid for leader in self.leaders)
-        for pid in zombie_children(os.getpid(), keep):
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
 
     # ------------------------------------------------------------------
     # stopping
