@@ -262,3 +262,21 @@ def test_cgroup_refused_with_a_clear_error_when_impossible() -> None:
     assert "ermission" in message, data
     assert (mode, subtree) == ("group", "None"), data
     assert "cannot create a cgroup" in why, data
+
+
+@needs_cgroups
+def test_cgroups_removed_when_the_master_is_killed_outright(start_server, escapees: Escapees) -> None:
+    """SIGKILL the master: its workers leave (they are told by the kernel),
+    kill their commands' cgroups, and the last one out removes the
+    server's subtree."""
+    server = start_server("--pool-size", "2", "--containment", "cgroup")
+    subtree = _subtree(server.pid)
+    assert subtree is not None
+    client = _started(server.socket_path, escapees, "echo started; sleep 60")
+    try:
+        server.proc.kill()
+        server.proc.wait()
+        assert wait_for(lambda: not os.path.exists(subtree), 10.0), os.listdir(subtree)
+        assert wait_for(lambda: not escapees.alive(), 5.0), escapees.alive()
+    finally:
+        client.close()

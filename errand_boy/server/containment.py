@@ -46,6 +46,8 @@ PREFIX = "errand-boy-"
 #: A subtree with no server in it is a leftover once this old (seconds):
 #: younger, it may be one that a server is still setting up.
 LEFTOVER_AGE = 10.0
+#: How long a worker that exits waits for its killed cgroups to empty.
+CLOSE_WAIT = 1.0
 
 
 class ContainmentError(ValueError):
@@ -304,16 +306,41 @@ class CommandCgroups:
 
     def close(self) -> None:
         """At the worker's exit: kill and remove every cgroup it made."""
+        left = []
         for cgroup in self.pool + self.dying:
             cgroup.kill()
             cgroup.close()
-            try:
-                os.rmdir(cgroup.path)
-            except OSError:
-                pass  # the master removes what is still busy
+            left.append(cgroup.path)
+        deadline = time.monotonic() + CLOSE_WAIT
+        while left:
+            for path in list(left):
+                try:
+                    os.rmdir(path)
+                    left.remove(path)
+                except FileNotFoundError:
+                    left.remove(path)
+                except OSError:  # killed processes are still exiting
+                    pass
+            if not left or time.monotonic() > deadline:
+                break  # (the master removes what is still busy)
+            time.sleep(0.01)
         self.pool.clear()
         self.dying.clear()
         os.close(self.home)
+
+    def remove_subtree(self) -> None:
+        """The master is gone (killed outright): the last worker out removes
+        the server's subtree. Nothing is killed here; a cgroup that is still
+        busy (another worker, still exiting) is left to that worker."""
+        try:
+            _write(os.path.join(os.path.dirname(self.base), "cgroup.procs"), b"0")
+        except OSError:
+            return
+        for path in (os.path.join(self.base, "server"), self.base):
+            try:
+                os.rmdir(path)
+            except OSError:
+                return
 
 
 def choose(mode: str, master_pid: int) -> Tuple[str, Optional[ServerCgroup], str]:

@@ -159,10 +159,13 @@ class Leaders:
                 pass
         self.reap()
 
-    def close(self) -> None:
-        """At the worker's exit: kill the orphans it adopted and its cgroups."""
+    def close(self, orphaned: bool) -> None:
+        """At the worker's exit: kill the orphans it adopted and its cgroups
+        (``orphaned``: the master is gone, remove the server's cgroups)."""
         killed = kill_adopted(os.getpid(), frozenset(leader.pid for leader in self.held))
         if killed:
             log.info("killed %d processes left behind by commands", killed)
         if self.cgroups is not None:
             self.cgroups.close()
+            if orphaned:
+                self.cgroups.remove_subtree()

@@ -149,7 +149,7 @@ class Worker:
                     self.orphaned = True
                     self.shut_down(now=True)
         finally:
-            self.leaders.close()
+            self.leaders.close(self.orphaned or os.getppid() != self.master_pid)
             flush_summaries(final=True)
         log.debug("worker %d done", self.index)
 
