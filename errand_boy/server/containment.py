@@ -17,8 +17,9 @@ A command must be in its cgroup before it can fork: the single-threaded
 worker writes itself into the command's cgroup, spawns (the child is born
 there, on subprocess's vfork path), and writes itself back into
 ``server/``. Measured here: two writes of about 10 microseconds each.
-``mkdir`` is kept off the command's path by a small pool of empty cgroups
-made after a reply has gone; ``rmdir`` happens then too. Names carry the
+``mkdir`` is kept off the command's path by a small pool of empty cgroups;
+a command's cgroup found empty after its ``cgroup.kill`` (the usual case)
+goes back to the pool, after the reply has gone. Names carry the
 worker's pid, so the master can kill what a dead worker leaves behind.
 (The random part keeps apart servers in different PID namespaces, which
 may share a pid.) A subtree whose ``server/`` holds no process, left by a
@@ -228,19 +229,24 @@ def populated(path: str) -> bool:
 class Cgroup:
     """One command's cgroup."""
 
-    __slots__ = ("path", "procs")
+    __slots__ = ("events", "path", "procs")
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.procs = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+        self.events = os.open(os.path.join(path, "cgroup.events"), os.O_RDONLY | os.O_CLOEXEC)
 
     def kill(self) -> None:
         kill_cgroup(self.path)
 
+    def empty(self) -> bool:
+        return b"populated 0" in os.pread(self.events, 256, 0)
+
     def close(self) -> None:
         if self.procs >= 0:
             os.close(self.procs)
-            self.procs = -1
+            os.close(self.events)
+            self.procs = self.events = -1
 
 
 class CommandCgroups:
@@ -283,10 +289,14 @@ class CommandCgroups:
         os.write(self.home, b"0")
 
     def release(self, cgroup: Cgroup) -> None:
-        """Kill what is left in a command's cgroup and remove it."""
+        """Kill what is left in a command's cgroup; reuse it if that was
+        nothing (cheaper than rmdir and mkdir), else remove it once empty."""
         cgroup.kill()
         if self.dying:
             self.retry()
+        if len(self.pool) < POOL and cgroup.empty():
+            self.pool.append(cgroup)
+            return
         self.remove(cgroup)
         self.fill()
 
