@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--rlimit", action="append", default=[], metavar="NAME=SOFT[:HARD]",
                         help="a resource limit for every command (nofile, nproc, as, cpu, fsize, core, "
                              "...); repeatable")
+    server.add_argument("--containment", choices=["auto", "cgroup", "group"], default="auto",
+                        help="how a command's whole process tree is held and killed: a cgroup of its own "
+                             "(cgroup; needs cgroup v2 and root or a delegated cgroup), its process group "
+                             "(group), or cgroup where possible (auto, the default)")
     server.add_argument("--pidfile", metavar="PATH", help="write the master's pid here, held under a lock")
     server.add_argument("--socket-mode", type=_mode, default=0o600, metavar="MODE",
                         help="permissions of the socket file, in octal (default 0600)")
@@ -195,6 +199,7 @@ def run_server(transport: Any, args: argparse.Namespace) -> int:
                 socket_group=args.socket_group,
                 allow_uids=args.allow_uid,
                 allow_gids=args.allow_gid,
+                containment=args.containment,
             )
             or 0
         )
@@ -223,6 +228,9 @@ def _duration(seconds: Optional[float]) -> str:
     return " ".join(parts)
 
 
+_CONTAINMENT = {"cgroup": "a cgroup per command", "group": "process groups"}
+
+
 def format_status(info: Dict[str, Any], socket_path: str) -> str:
     """The status reply for a person."""
     latency = info.get("latency") or {}
@@ -231,6 +239,7 @@ def format_status(info: Dict[str, Any], socket_path: str) -> str:
         f"up {_duration(info.get('uptime'))}",
         f"workers   {info.get('workers', '?')} (pids {', '.join(map(str, info.get('worker_pids', [])))})",
         f"running   {info.get('running', '?')}, queued {info.get('queued', '?')}",
+        f"contain   {_CONTAINMENT.get(info.get('containment', '?'), info.get('containment', '?'))}",
         f"served    {info.get('served', '?')}, failed {info.get('failed', '?')}, "
         f"busy {info.get('busy', '?')}, "
         f"connections {info.get('connections', '?')}",

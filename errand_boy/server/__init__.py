@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Tuple
 from ..defaults import resolve_socket_path
 from ..protocol import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_REQUEST_BYTES
 from .budget import DEFAULT_MAX_BUFFERED_BYTES, worker_share
+from .containment import MODES
 from .listener import AlreadyRunning
 from .logs import configure_logging
 from .master import ServerConfig, run_master
@@ -90,6 +91,7 @@ def serve(
     pidfile: Optional[str] = None,
     log_level: Optional[str] = None,
     log_format: str = "text",
+    containment: str = "auto",
 ) -> int:
     """Run a server until it is stopped; returns the exit status (0).
 
@@ -101,9 +103,14 @@ def serve(
     ``max_buffered_bytes`` caps the bytes of incomplete command blocks held
     across the server (0: no cap); each worker gets an equal share, and
     at least ``max_request_bytes`` + 64 KiB.
+    ``containment`` is ``auto`` (a cgroup per command where the server can
+    make cgroups, process groups elsewhere), ``cgroup`` (or fail) or
+    ``group``.
     """
     if max_buffered_bytes < 0:
         raise ValueError("max_buffered_bytes must be 0 (no cap) or more")
+    if containment not in MODES:
+        raise ValueError(f"containment must be one of {', '.join(MODES)}, not {containment!r}")
     if max_request_bytes < 65536:
         raise ValueError("max_request_bytes must be at least 65536 (the protocol's minimum)")
     if log_level is not None or log_format != "text":
@@ -115,6 +122,7 @@ def serve(
         socket_mode=socket_mode,
         socket_group=socket_group,
         pidfile=pidfile,
+        containment=containment,
         worker=WorkerConfig(
             max_request_bytes=max_request_bytes,
             max_frame_bytes=max_frame_bytes,

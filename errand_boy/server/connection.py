@@ -7,6 +7,12 @@ The life of a connection::
           +--bad bytes--> ! sent, draining (bounded) --> closed
                                     +--client gone / timeout / K--> process group signalled
 
+The command's leader is held by a pidfd and stays unreaped until the
+command is finished, so its process group id cannot be reused while we
+may signal it (see handles.py); with cgroup containment, a vanished
+client, a timeout and the end of the command also kill the command's
+cgroup, and so whatever left the group.
+
 Backpressure both ways: a command's pipes are read only while the frames
 already queued for the client are below ``HIGH_WATER`` (a paused pipe is
 taken out of the epoll set: masking it would let its end-of-file overtake
@@ -35,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .. import protocol
 from ..exceptions import RemoteProtocolError
+from .handles import Leader
 from .loop import ERR, HUP, IN, OUT, RDHUP, Flushable, Timer
 from .spawn import Child, SpawnError, spawn
 
@@ -83,6 +90,7 @@ class Connection(Flushable):
         self.request: Optional[protocol.Request] = None
         self.child: Optional[Child] = None
         self.pid = 0
+        self.leader: Optional[Leader] = None
         self.out: List[bytes] = []  # frames waiting for the socket
         self.out_bytes = 0
         self.sock_mask = IN | RDHUP
@@ -286,7 +294,9 @@ class Connection(Flushable):
         self.cancel_timers()
         self.started = time.monotonic()
         try:
-            child = spawn(request, worker.config.rlimits, self.fds)
+            with worker.leaders.containing() as cgroup:
+                child = spawn(request, worker.config.rlimits, self.fds)
+                self.leader = _hold(child, cgroup)
         except SpawnError as exc:
             worker.release_place()
             extra: Dict[str, Any] = {"errno": exc.errno} if exc.errno is not None else {}
@@ -392,12 +402,16 @@ class Connection(Flushable):
             self.internal_error()
 
     def signal_group(self, signum: int) -> None:
-        if self.state != "running" or (self.status is not None and not self.pipes_open()):
-            return
-        try:
-            os.killpg(self.pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
+        # While running, the leader is unreaped: its group id is the command's.
+        if self.state == "running" and self.leader is not None:
+            self.leader.signal_group(signum)
+
+    def kill_tree(self) -> None:
+        """SIGKILL the command's group, and all its tree that can be reached."""
+        leader = self.leader
+        if self.state == "running" and leader is not None:
+            leader.kill()
+            self.worker.leaders.kill_escaped(leader)
 
     def on_timeout(self) -> None:
         if self.state == "running":
@@ -408,7 +422,7 @@ class Connection(Flushable):
         """Kill the command's group; its client still gets the X frame."""
         if self.state != "running":
             return
-        self.signal_group(_SIGKILL)
+        self.kill_tree()
         self.timers.append(self.loop.call_later(KILL_GRACE, self.give_up_pipes))
 
     def give_up_pipes(self) -> None:
@@ -424,20 +438,23 @@ class Connection(Flushable):
         child = self.child
         return child is not None and (child.stdout is not None or child.stderr is not None)
 
-    def on_exit(self, status: int, cpu: float) -> None:
-        """The worker reaped our command's process."""
-        self.status = status
-        self.cpu = cpu
+    def on_leader_exit(self) -> None:
+        """The command's leader has exited (it is not reaped yet)."""
         self.maybe_finish()
 
     def maybe_finish(self) -> None:
         if self.state != "running" or self.pipes_open():
             return
+        leader = self.leader
+        assert leader is not None
         if self.status is None:
             # The pipes closed as the command exited; it is usually a zombie
-            # by now, and reaping it here saves waiting for SIGCHLD.
-            self.worker.reap_one(self.pid)  # calls on_exit, and so us again
-            return
+            # by now, and looking saves waiting for its pidfd's event.
+            if not leader.poll():
+                return
+            # What is left of its group is killed while the group id is
+            # still the command's, then the leader is reaped.
+            self.status, self.cpu = self.worker.leaders.end(leader)
         returncode = os.waitstatus_to_exitcode(self.status)
         if self.timed_out:
             reason = "timeout"
@@ -457,14 +474,9 @@ class Connection(Flushable):
         self.cancel_timers()
         # The client waits for X, not for our clean-up, bookkeeping and log.
         self.flush()
-        # Whatever is left of the command's group is killed: nothing it
-        # started survives it. (The group cannot be a new one yet: its id
-        # was the leader's pid, which another group cannot take while any
-        # member lives.)
-        try:
-            os.killpg(self.pid, _SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        # Whatever is left of the command's cgroup is killed too: nothing
+        # it started survives it (its group was killed before the reaping).
+        self.worker.leaders.release(leader)
         self.close_stdin()
         self.worker.command_finished(self, returncode, reason, duration)
 
@@ -476,7 +488,7 @@ class Connection(Flushable):
         elif self.state not in ("request", "running"):
             return  # the reply is decided already
         if self.state == "running":
-            self.signal_group(_SIGKILL)
+            self.kill_tree()
             self.close_pipes()
             self.close_stdin()
             self.worker.command_aborted(self, f"{code}: {message}")
@@ -512,7 +524,7 @@ class Connection(Flushable):
     def abort(self, why: str) -> None:
         """The client is gone: kill the command's group and close."""
         if self.state == "running":
-            self.signal_group(_SIGKILL)
+            self.kill_tree()
             self.worker.command_aborted(self, why)
         elif self.state == "queued":
             self.worker.unqueue(self)
@@ -664,3 +676,21 @@ def _received_fds(ancillary: List[Tuple[int, int, bytes]]) -> List[int]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     return fds.tolist()
+
+
+def _hold(child: Child, cgroup: Any) -> Leader:
+    """A pidfd for the new command's leader (our unreaped child: race-free)."""
+    try:
+        return Leader(child.pid, cgroup)
+    except OSError as exc:  # out of descriptors: the command must not run unheld
+        try:
+            os.killpg(child.pid, _SIGKILL)  # unreaped: its group id is its own
+        except OSError:
+            pass
+        os.waitpid(child.pid, 0)
+        if cgroup is not None:
+            cgroup.kill()
+        for fd in (child.stdin, child.stdout, child.stderr):
+            if fd is not None:
+                os.close(fd)
+        raise SpawnError(exc.errno, f"cannot hold the command's process: {exc.strerror}", None) from exc

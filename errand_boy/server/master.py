@@ -5,7 +5,9 @@ and binds the socket, forks the workers with ``multiprocessing`` (each
 inherits the listening socket) and supervises them:
 
 * a worker that dies is replaced at once, and the commands it was running
-  are killed (they are re-parented to the master, a child subreaper);
+  are killed: their cgroups, and the processes re-parented to the master (a
+  child subreaper) through pidfds; a process group only when the orphan
+  leads it, never the master's own (see ``kill_orphans``);
 * workers that keep dying are restarted with exponential backoff, and the
   episode is logged once, not once per death;
 * SIGHUP replaces every worker: the new ones start accepting while the old
@@ -21,6 +23,7 @@ SIGUSR2 the same but leave the backlog to your successors (reload).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import multiprocessing
@@ -38,6 +41,8 @@ from setproctitle import setproctitle
 from .._ids import group_id
 from . import scoreboard as sb
 from . import systemd
+from .containment import ServerCgroup, choose
+from .handles import children
 from .listener import bind_unix_socket, remove_socket_file
 from .logs import flush_summaries
 from .pidfile import PidFile
@@ -65,6 +70,7 @@ class ServerConfig:
     socket_mode: int = 0o600
     socket_group: Optional[str] = None
     pidfile: Optional[str] = None
+    containment: str = "auto"
 
 
 def raise_nofile_limit() -> None:
@@ -96,6 +102,8 @@ class Master:
         self.restart_at: List[float] = []  # when to start replacements
         self.pidfile: Optional[PidFile] = None
         self.identity: Optional[Tuple[int, int]] = None
+        self.worker_config = config.worker
+        self.cgroup: Optional[ServerCgroup] = None
 
     def run(self) -> int:
         # The socket file is visible from bind() on, before _serve() handles
@@ -148,6 +156,7 @@ class Master:
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # (blocked by run())
         try:
+            self.contain()
             # Everything allocated so far is shared with the workers, page by
             # page, until somebody writes to it. The cyclic GC would: it
             # writes to every object it examines. Freezing takes what exists
@@ -176,9 +185,37 @@ class Master:
             flush_summaries(final=True)
             return 0
         finally:
+            self.uncontain()
             signal.set_wakeup_fd(-1)
             for fd in (wake_r, wake_w, self.control_r, self.control_w):
                 os.close(fd)
+
+    def contain(self) -> None:
+        """Set up --containment before the first worker; say which is in force."""
+        mode, self.cgroup, why = choose(self.config.containment, os.getpid())
+        self.worker_config = dataclasses.replace(
+            self.config.worker, containment=mode, cgroup_base=self.cgroup.base if self.cgroup else None,
+        )
+        if self.cgroup is not None:
+            log.info("containment: cgroup (each command in a cgroup of its own under %s)", self.cgroup.base)
+        else:
+            log.info("containment: process groups (%s); descendants that leave their command's "
+                     "process group and session can outlive it", why)
+
+    def uncontain(self) -> None:
+        """At exit: kill what is left in our cgroups and remove them."""
+        cgroup = self.cgroup
+        if cgroup is None:
+            return
+        cgroup.remove()
+        deadline = time.monotonic() + 2.0
+        while cgroup.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+            self.reap()  # the killed processes are re-parented to us
+            cgroup.retry()
+        if cgroup.pending:
+            log.warning("cannot remove the cgroups %s: processes in them did not exit",
+                        ", ".join(cgroup.pending))
 
     def wait_time(self) -> float:
         wait = 1.0
@@ -198,7 +235,7 @@ class Master:
         slot = free[0]
         proc = self.ctx.Process(
             target=worker_main,
-            args=(slot, self.listener, self.board, self.config.worker, self.control_w, os.getpid()),
+            args=(slot, self.listener, self.board, self.worker_config, self.control_w, os.getpid()),
             kwargs={"close_fds": (*self.wake, self.control_r, *self.pidfile_fds())},
             name=f"errand-boy worker {slot}",
         )
@@ -301,6 +338,8 @@ class Master:
                     os.waitpid(info.si_pid, 0)
                 except ChildProcessError:
                     pass
+        if self.cgroup is not None and self.cgroup.pending:
+            self.cgroup.retry()
         # multiprocessing may have reaped a worker itself (Process.start
         # polls its other children): catch those too.
         for pid, slot in list(self.pids.items()):
@@ -324,37 +363,45 @@ class Master:
         if code == 0 and planned:
             log.debug("worker %d (pid %d) exited", slot, pid)
             return
-        killed = self.kill_orphans()
+        killed = self.kill_orphans(pid)
         log.error(
             "worker %d (pid %d) died (exit code %s); %d running commands lost, "
-            "%d orphaned process groups killed",
+            "%d orphaned commands killed",
             slot, pid, code, lost, killed,
         )
         if not planned:
             self.schedule_restart()
 
-    def kill_orphans(self) -> int:
-        """Kill the process groups of commands whose worker died.
+    def kill_orphans(self, worker_pid: int) -> int:
+        """Kill what a dead worker's commands left: how many were found.
 
-        They were re-parented to us (a subreaper): any child of ours that
-        is not a worker is one.
+        Its commands' cgroups are killed whole. Any child of ours that is
+        not a worker was re-parented to us (a subreaper) and is one of
+        theirs: it is signalled through a pidfd (our unreaped child: its
+        pid cannot name another process). Its process group is killed too
+        only if it leads that group (a command's leader after setsid()):
+        a child caught between fork and setsid() is still in our own
+        group, and neither ours nor a worker's group may be signalled.
         """
+        killed = self.cgroup.worker_gone(worker_pid) if self.cgroup is not None else 0
         me = os.getpid()
-        killed = 0
-        for name in os.listdir("/proc"):
-            if not name.isdigit() or int(name) in self.pids:
+        spare = {os.getpgrp(), *self.pids}
+        for pid, state, _, pgid, _ in children(me):
+            if pid in self.pids or state == b"Z":
                 continue
             try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
+                pidfd = os.pidfd_open(pid)
             except OSError:
                 continue
-            if int(fields[1]) == me and fields[0] != b"Z":
-                try:
-                    os.killpg(int(fields[2]), signal.SIGKILL)  # its process group
-                    killed += 1
-                except (ProcessLookupError, PermissionError):
-                    pass
+            try:
+                if pgid == pid and pgid not in spare:
+                    os.killpg(pgid, signal.SIGKILL)
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                killed += 1
+            except (ProcessLookupError, PermissionError):
+                pass
+            finally:
+                os.close(pidfd)
         return killed
 
     def schedule_restart(self) -> None:

@@ -4,8 +4,9 @@ Each worker inherits the listening socket from the master and accepts from
 it (the pre-fork model; ``EPOLLEXCLUSIVE`` wakes one idle worker per
 connection instead of all of them). It is a child subreaper: a command's
 orphaned descendants are re-parented to it rather than to pid 1, which may
-never reap them, and one ``wait4(-1)`` loop on ``SIGCHLD`` reaps commands
-and orphans alike.
+never reap them. A command's leader is reaped through its pidfd, which is
+in the epoll loop (see handles.py: it stays unreaped until its command is
+finished); adopted orphans are reaped on ``SIGCHLD`` (see leaders.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from . import scoreboard as sb
 from .accept_guard import AcceptGuard
 from .budget import RequestBudget
 from .connection import Connection
+from .containment import CommandCgroups
+from .leaders import Leaders
 from .logs import command_text, flush_summaries
 from .loop import IN, Loop
 from .scoreboard import Scoreboard, now_us
@@ -71,6 +74,8 @@ class WorkerConfig:
     rlimits: Rlimits = ()
     allow_uids: FrozenSet[int] = frozenset()
     allow_gids: FrozenSet[int] = frozenset()
+    containment: str = "group"  # in force: "cgroup" or "group"
+    cgroup_base: Optional[str] = None  # this server's cgroup subtree
 
 
 def _prctl(option: int, value: int) -> bool:
@@ -104,7 +109,7 @@ class Worker:
         self.master_pid = master_pid
         self.loop = Loop()
         self.connections: Set[Connection] = set()
-        self.children: Dict[int, Optional[Connection]] = {}  # pid -> its connection
+        self.leaders = Leaders(self.loop)
         self.shutting_down = False  # SIGTERM: no new command starts
         self.orphaned = False
         self.commands = 0
@@ -121,6 +126,8 @@ class Worker:
         setproctitle(f"errand-boy worker {self.index}")
         prepare_spawn()
         become_subreaper()
+        if self.config.cgroup_base is not None:
+            self.leaders.cgroups = CommandCgroups(self.config.cgroup_base)
         # A master killed outright must not leave its workers serving: the
         # kernel sends SIGTERM when it dies (and getppid() covers the race).
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -143,7 +150,7 @@ class Worker:
         log.debug("worker %d ready", self.index)
         try:
             next_flush = 0.0
-            while self.listener is not None or self.connections or self.children:
+            while self.listener is not None or self.connections or self.leaders.held:
                 self.loop.run_once(1.0)
                 if self.loop.now >= next_flush:  # summaries of repeated warnings
                     flush_summaries()
@@ -153,6 +160,7 @@ class Worker:
                     self.orphaned = True
                     self.shut_down(now=True)
         finally:
+            self.leaders.close(self.orphaned or os.getppid() != self.master_pid)
             flush_summaries(final=True)
         log.debug("worker %d done", self.index)
 
@@ -163,7 +171,7 @@ class Worker:
             return
         for signum in data:
             if signum == signal.SIGCHLD:
-                self.reap()
+                self.leaders.reap()
             elif signum == signal.SIGTERM:
                 self.shut_down(now=self.shutting_down)
             elif signum == signal.SIGUSR1:
@@ -245,7 +253,8 @@ class Worker:
         figures = self.board.figures()
         # "protocol" is the version (ERRAND/1); "revision" says what of it we speak.
         return {
-            "pid": self.master_pid, "version": __version__, "protocol": 1, "revision": REVISION, **figures
+            "pid": self.master_pid, "version": __version__, "protocol": 1, "revision": REVISION, **figures,
+            "containment": self.config.containment,
         }
 
     # ------------------------------------------------------------------
@@ -293,7 +302,7 @@ class Worker:
             self.start_waiting()
 
     def command_started(self, conn: Connection) -> None:
-        self.children[conn.pid] = conn  # (its place was counted by admit)
+        self.leaders.add(conn)  # (its place was counted by admit)
 
     def count_served(self) -> None:
         """One more command served (called just before its X frame is queued)."""
@@ -312,8 +321,8 @@ class Worker:
     def command_aborted(self, conn: Connection, why: str) -> None:
         self.board.add(self.index, sb.FAILED)
         self.release_place()
-        if conn.pid in self.children:
-            self.children[conn.pid] = None  # still to be reaped, for nobody
+        if conn.leader is not None:
+            self.leaders.abandon(conn.leader)
         duration = time.monotonic() - conn.started
         log.info(
             "command killed",
@@ -331,24 +340,6 @@ class Worker:
             "command refused: busy",
             extra={"fields": {**_command_fields(conn), "flood_key": "busy"}},
         )
-
-    def reap(self) -> None:
-        """Reap every child that has exited: commands and adopted orphans."""
-        while self.reap_one(-1):
-            pass
-
-    def reap_one(self, pid: int) -> bool:
-        """Reap ``pid`` (-1: any child) if it has exited; tell its connection."""
-        try:
-            pid, status, usage = os.wait4(pid, os.WNOHANG)
-        except ChildProcessError:
-            return False
-        if pid == 0:
-            return False
-        conn = self.children.pop(pid, None)
-        if conn is not None:
-            conn.on_exit(status, usage.ru_utime + usage.ru_stime)
-        return True
 
     # ------------------------------------------------------------------
     # stopping

@@ -1,0 +1,171 @@
+"""A worker's commands' leaders, and the orphans it adopts.
+
+A command's leader is held through a pidfd in the worker's epoll loop and
+stays unreaped until its command is over (see handles.py), so its process
+group id cannot be reused while the worker may signal it. The worker is a
+child subreaper: orphaned descendants of its commands are re-parented to
+it, and reaped on ``SIGCHLD``. With cgroup containment each command is
+spawned inside a cgroup of its own (see containment.py), killed and
+removed once the command is over.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Tuple
+
+from .containment import Cgroup, CommandCgroups
+from .handles import Leader, kill_adopted, kill_session, zombie_children
+from .loop import IN, Loop
+from .spawn import SpawnError
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+log = logging.getLogger("errand_boy.server")
+
+_WAITED = os.WEXITED | os.WNOHANG | os.WNOWAIT
+#: How long orphans hidden behind a held leader may stay zombies.
+HELD_SWEEP = 1.0
+
+
+class Leaders:
+    def __init__(self, loop: Loop) -> None:
+        self.loop = loop
+        self.cgroups: Optional[CommandCgroups] = None
+        # Leaders not yet reaped -> their connections (None: aborted).
+        self.held: Dict[Leader, Optional[Connection]] = {}
+        self.sweep_pending = False  # a SIGCHLD sweep stopped at a held leader
+        self.sweep_timer: Optional[Any] = None
+
+    @contextmanager
+    def containing(self) -> Iterator[Optional[Cgroup]]:
+        """Around spawn(): what is spawned inside is born in a cgroup of its own."""
+        cgroups = self.cgroups
+        if cgroups is None:
+            yield None
+            return
+        try:
+            cgroup = cgroups.enter()
+        except OSError as exc:
+            raise SpawnError(exc.errno, f"cannot give the command a cgroup of its own: {exc.strerror}",
+                             None) from exc
+        try:
+            yield cgroup
+        except BaseException:
+            cgroups.leave()
+            cgroups.release(cgroup)
+            raise
+        cgroups.leave()
+
+    def add(self, conn: Connection) -> None:
+        """A command has started: watch its leader's pidfd."""
+        leader = conn.leader
+        assert leader is not None
+        self.held[leader] = conn
+        self.loop.register(leader.pidfd, IN, lambda mask: self.on_exit(leader))
+
+    def on_exit(self, leader: Leader) -> None:
+        """A leader's pidfd is readable: it has exited (and is not reaped)."""
+        if self.loop.registered(leader.pidfd):
+            self.loop.unregister(leader.pidfd)  # it stays readable
+        leader.exited = True
+        if leader not in self.held:
+            return
+        conn = self.held[leader]
+        if conn is not None:
+            conn.on_leader_exit()
+        else:  # its command was aborted: nobody waits for it
+            self.end(leader)
+            self.release(leader)
+
+    def end(self, leader: Leader) -> Tuple[int, float]:
+        """Kill what is left of an exited leader's group, then reap it."""
+        if self.loop.registered(leader.pidfd):
+            self.loop.unregister(leader.pidfd)
+        result = leader.reap()
+        del self.held[leader]
+        if self.sweep_pending:
+            self.reap()  # the children it hid
+        return result
+
+    def release(self, leader: Leader) -> None:
+        """Kill what is left of the command's cgroup and remove it."""
+        if leader.cgroup is not None and self.cgroups is not None:
+            self.cgroups.release(leader.cgroup)
+            leader.cgroup = None
+
+    def kill_escaped(self, leader: Leader) -> None:
+        """Without cgroups: kill what left the command's group but not its session."""
+        if leader.cgroup is None and not leader.reaped:
+            kill_session(leader.pid)
+
+    def abandon(self, leader: Leader) -> None:
+        """Its command was aborted (killed): reap it for nobody."""
+        if leader in self.held:
+            self.held[leader] = None
+            if leader.poll():
+                self.end(leader)
+                self.release(leader)
+
+    def reap(self) -> None:
+        """Reap adopted orphans that have exited (on SIGCHLD).
+
+        Leaders are reaped through their pidfds. One held until its
+        command finishes hides the children behind it from waitid(P_ALL):
+        the sweep runs again when a leader is reaped (usually at once),
+        and those still hidden after ``HELD_SWEEP`` seconds are looked for
+        in /proc.
+        """
+        self.sweep_pending = False
+        held: Optional[Dict[int, Leader]] = None
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, _WAITED)
+            except ChildProcessError:
+                return
+            if info is None:
+                return
+            if held is None:
+                held = {leader.pid: leader for leader in self.held}
+            leader = held.get(info.si_pid)
+            if leader is None:
+                try:
+                    os.waitpid(info.si_pid, os.WNOHANG)  # an orphan we adopted
+                except ChildProcessError:
+                    pass
+                continue
+            if not leader.exited:
+                self.on_exit(leader)  # ahead of its pidfd's event
+                held = None
+                if leader.reaped:
+                    continue
+            break
+        self.sweep_pending = True
+        if self.sweep_timer is None:
+            self.sweep_timer = self.loop.call_later(HELD_SWEEP, self.sweep_behind_held)
+
+    def sweep_behind_held(self) -> None:
+        self.sweep_timer = None
+        if not self.sweep_pending:
+            return
+        keep = frozenset(leader.pid for leader in self.held)
+        for pid in zombie_children(os.getpid(), keep):
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        self.reap()
+
+    def close(self, orphaned: bool) -> None:
+        """At the worker's exit: kill the orphans it adopted and its cgroups
+        (``orphaned``: the master is gone, remove the server's cgroups)."""
+        killed = kill_adopted(os.getpid(), frozenset(leader.pid for leader in self.held))
+        if killed:
+            log.info("killed %d processes left behind by commands", killed)
+        if self.cgroups is not None:
+            self.cgroups.close()
+            if orphaned:
+                self.cgroups.remove_subtree()
