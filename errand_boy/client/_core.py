@@ -193,11 +193,11 @@ class CommandCore:
         """
         if self.finished:
             raise RuntimeError("the reply is over: nothing more can be received")
-        if not data:
-            self.fail(connection_lost(self.socket_path))
-            return
-        self._parser.receive_data(data)
+        if data:
+            self._parser.receive_data(data)
         self._act()
+        if not data:  # the end of the stream, after acting on what came before it
+            self.fail(connection_lost(self.socket_path))
 
     def payload_window(self) -> Tuple[int, int]:
         """``(fd, n)``: the next ``n`` bytes from the server are output for
@@ -219,13 +219,14 @@ class CommandCore:
     def _act(self) -> None:
         next_event, sinks = self._parser.next_event, self._sinks
         Output, NEED_DATA = protocol.Output, protocol.NEED_DATA
+        run = self.op == "run"
         while True:
             try:
                 event = next_event()
             except RemoteProtocolError as exc:
                 self.fail(protocol_broken(self.socket_path, exc))
                 return
-            if type(event) is Output:
+            if type(event) is Output and run:
                 sinks[event.fd](event.data)
             elif event is NEED_DATA:
                 return
