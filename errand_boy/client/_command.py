@@ -272,7 +272,7 @@ class _Command:
             conn = self.conn
             if conn is not None and self.source is None and not conn.pending:
                 window_fd, size = self.core.payload_window()
-                if window_fd == fd:  # the hot path: socket to caller, one copy
+                if window_fd == fd and len(b):  # the hot path: socket to caller, one copy
                     count = self._receive_into(conn, b, min(size, len(b)))
                     if count:
                         return count
