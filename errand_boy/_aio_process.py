@@ -7,7 +7,7 @@ import functools
 import signal
 from typing import Any, Coroutine, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from . import client, protocol
+from . import client
 from ._aio_streams import (
     DEFAULT_LIMIT,
     _check_server,
@@ -19,13 +19,8 @@ from ._aio_streams import (
     _Valve,
 )
 from .client import _fds
-from .exceptions import (
-    ConnectionLost,
-    ErrandBoyError,
-    RemoteProtocolError,
-    ServerUnavailable,
-    error_from_frame,
-)
+from .client._core import CommandCore
+from .exceptions import ServerUnavailable
 
 # --------------------------------------------------------------------------
 # The process
@@ -49,7 +44,6 @@ class Process:
     ) -> None:
         self.args = args
         self._trusted_uids = trusted_uids
-        self.pid: Optional[int] = None
         self.stdin: Any = None  # asyncio.StreamWriter over a pipe, or a StdinWriter (frames)
         self._early_input: Optional[bytes] = None
         self._pipe_stdin: Optional[asyncio.StreamWriter] = None
@@ -58,12 +52,7 @@ class Process:
         self._framed: List[asyncio.StreamReader] = []  # streams fed from O/E frames
         self.stdout: Optional[asyncio.StreamReader] = None
         self.stderr: Optional[asyncio.StreamReader] = None
-        self._returncode: Optional[int] = None
-        self.reason: Optional[str] = None
-        self.info: Dict[str, Any] = {}
         self._socket_path = socket_path
-        self._error: Optional[BaseException] = None
-        self._input_ended = False
         self._writer: Optional[asyncio.StreamWriter] = None
         self._sender: Optional[_Sender] = None
         self._tasks: List[asyncio.Task[None]] = []
@@ -85,19 +74,35 @@ class Process:
                 else:
                     self.stderr = stream
             self._route[fd] = sink
+        self._core = CommandCore(socket_path, self._route)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.pid}>"
 
     @property
+    def pid(self) -> Optional[int]:
+        """The command's process id, in the server's PID namespace."""
+        return self._core.pid
+
+    @property
     def returncode(self) -> Optional[int]:
         """None while the command runs; its exit status, or -N for signal N."""
-        return self._returncode
+        return self._core.returncode
+
+    @property
+    def reason(self) -> Optional[str]:
+        """Why the command ended: ``"exit"``, ``"signal"`` or ``"timeout"``."""
+        return self._core.reason
+
+    @property
+    def info(self) -> Dict[str, Any]:
+        """The server's whole ``X`` object (returncode, reason, figures)."""
+        return self._core.info
 
     @property
     def timed_out(self) -> bool:
         """True when the server killed the command for its ``timeout``."""
-        return self.reason == "timeout"
+        return self._core.reason == "timeout"
 
     # -- starting ----------------------------------------------------------
 
@@ -126,9 +131,9 @@ class Process:
         except BaseException:
             await self._abandon()
             raise
-        if self.pid is None and self._error is not None:  # a ! frame, a lost connection, garbage
+        if self._core.pid is None and self._core.error is not None:  # a ! frame, a lost connection, garbage
             await self._settle()
-            raise self._error.with_traceback(None)
+            self._core.raise_failure()
         if source is not None and not self._finished.is_set():
             self._spawn_task(self._send_source(source))
 
@@ -138,57 +143,30 @@ class Process:
     # -- the reply ---------------------------------------------------------
 
     async def _read_reply(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """The task that reads the reply until its last frame, then closes."""
-        parser = protocol.ReplyParser()
-        error: Optional[BaseException] = None
+        """The task that feeds the reply to the core until its end, then closes."""
+        core = self._core
         try:
-            while not parser.done:
+            while not core.finished:
                 await self._flowing.wait()
-                fd, size = parser.payload_window()
+                fd, size = core.payload_window()
                 data = await reader.read(min(size, client.RECV_SIZE) if fd else client.RECV_SIZE)
-                if not data:
-                    raise client._connection_lost(self._socket_path)
-                if fd:  # inside an output payload: skip the parser's copies
-                    parser.payload_received(len(data))
-                    self._route[fd](data)
+                if fd and data:  # inside an output payload: skip the parser's copies
+                    core.payload_received(data)
                 else:
-                    parser.receive_data(data)
-                    self._dispatch(parser)
-        except RemoteProtocolError as exc:
-            error = client._protocol_broken(self._socket_path, exc)
-        except ErrandBoyError as exc:  # a ! frame, or the end of the stream
-            error = exc
+                    core.receive_data(data)
+                if core.started:
+                    self._started.set()
         except OSError as exc:  # a reset, or a failed send of input
-            error = client._connection_lost(self._socket_path)
-            error.__cause__ = exc
+            core.connection_lost(exc)
         except Exception as exc:
-            error = exc
+            core.fail(exc)
         except BaseException:  # cancelled: close at once, the server kills the command
             self._close_now()
-            self._finish(None)
+            self._finish()
             raise
         finally:
-            self._finish(error)
+            self._finish()
         await self._close(writer)
-
-    def _dispatch(self, parser: protocol.ReplyParser) -> None:
-        route = self._route
-        while True:
-            event = parser.next_event()
-            if type(event) is protocol.Output:
-                route[event.fd](event.data)
-            elif event is protocol.NEED_DATA:
-                return
-            elif type(event) is protocol.Started:
-                self.pid = event.pid
-                self._started.set()
-            elif isinstance(event, protocol.Exited):
-                self._returncode, self.reason, self.info = event.returncode, event.reason, event.info
-                return
-            elif isinstance(event, protocol.Failed):
-                raise error_from_frame(event.info)
-            else:
-                raise RemoteProtocolError("a status reply to a run request")
 
     async def _close(self, writer: asyncio.StreamWriter) -> None:
         assert self._sender is not None
@@ -199,11 +177,10 @@ class Process:
         except OSError:
             pass  # a reset after the last frame is the normal end
 
-    def _finish(self, error: Optional[BaseException]) -> None:
+    def _finish(self) -> None:
         """The reply is over (complete, failed, or given up): once."""
         if self._finished.is_set():
             return
-        self._error = error
         for stream in self._framed:
             stream.feed_eof()
         if self._pipe_stdin is not None:
@@ -221,9 +198,7 @@ class Process:
         for this process's tasks to end."""
         if not self._finished.is_set() and self._writer is not None:
             self._close_now()
-            if self.pid is not None and self._returncode is None:
-                self._returncode, self.reason = -signal.SIGKILL, "signal"
-            self._finish(None)
+            self._finish()
             for pipe in self._pipes:  # the command is killed: its output is not wanted
                 pipe.close()
         for task in self._tasks:
@@ -231,10 +206,11 @@ class Process:
         await self._settle()
 
     def _close_now(self) -> None:
-        """Close both descriptors of the connection now."""
+        """Close both descriptors of the connection now (the core's result:
+        killed, for a command that started)."""
         assert self._sender is not None and self._writer is not None
         # A K frame is a best effort that never blocks: the close alone is enough.
-        self._sender.close(protocol.signal_frame(signal.SIGKILL))
+        self._sender.close(self._core.abandon())
         self._writer.transport.abort()
 
     async def _settle(self) -> None:
@@ -251,16 +227,18 @@ class Process:
 
     async def _drain(self) -> None:
         assert self._sender is not None
-        if self._finished.is_set() and self._input_ended:
+        if self._finished.is_set() and self._core.input_ended:
             return
         await self._sender.drain()
 
+    def _write_input(self, data: bytes) -> None:
+        for frame in self._core.input_frames(data):
+            self._write(frame)
+
     def _end_input(self) -> None:
-        if self._input_ended:
-            return
-        self._input_ended = True
-        if not self._finished.is_set():
-            self._write(protocol.end_of_input_frame())
+        frame = self._core.end_of_input()
+        if frame and not self._finished.is_set():
+            self._write(frame)
 
     async def _send_source(self, source: client._Source) -> None:
         """Send a descriptor's or a reader's contents as input, then ``I 0``."""
@@ -276,7 +254,7 @@ class Process:
                     continue
                 if not data:
                     break
-                self._write(protocol.input_frame(data))
+                self._write_input(data)
                 await self._drain()
             self._end_input()
         except BrokenPipeError:
@@ -297,11 +275,7 @@ class Process:
         except BaseException:
             await self._abandon()
             raise
-        if self._returncode is None:
-            if self._error is not None:
-                raise self._error.with_traceback(None)
-            raise ConnectionLost("the connection was given up", self._socket_path)
-        return self._returncode
+        return self._core.result()
 
     async def communicate(self, input: Optional[bytes] = None) -> Tuple[Optional[bytes], Optional[bytes]]:
         """Send ``input`` (then close stdin), read all output, wait.
@@ -362,8 +336,8 @@ class Process:
 
     def send_signal(self, signal: int) -> None:
         """Have the server send ``signal`` to the command's process group."""
-        frame = protocol.signal_frame(signal)
-        if not self._finished.is_set():
+        frame = self._core.signal_frame(signal)
+        if frame and not self._finished.is_set():
             self._write(frame)
 
     def terminate(self) -> None:

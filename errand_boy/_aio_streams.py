@@ -10,7 +10,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any, Callable, Iterable, List, Optional, Sequence, Set, Union
 
-from . import client, protocol
+from . import client
 
 if TYPE_CHECKING:
     from ._aio_process import Process
@@ -237,10 +237,7 @@ class StdinWriter:
         process = self._process
         if self.is_closing():
             raise BrokenPipeError(errno.EPIPE, "the command's standard input is closed")
-        data = bytes(data)
-        size = client.INPUT_FRAME_SIZE
-        for start in range(0, len(data), size):
-            process._write(protocol.input_frame(data[start : start + size]))
+        process._write_input(bytes(data))
 
     def writelines(self, data: Iterable[Union[bytes, bytearray, memoryview]]) -> None:
         for piece in data:
@@ -264,7 +261,7 @@ class StdinWriter:
     def is_closing(self) -> bool:
         process = self._process
         return (
-            process._input_ended
+            process._core.input_ended
             or process._finished.is_set()
             or bool(process._sender and process._sender.broken)
         )

@@ -17,10 +17,13 @@ sends it real descriptors with the request: ``stdout`` and ``stderr`` are
 (:meth:`loop.connect_read_pipe`), and ``stdin`` an
 :class:`asyncio.StreamWriter` over one (:meth:`loop.connect_write_pipe`),
 the shapes of :class:`asyncio.subprocess.Process`. One task per command
-reads the reply (``P``, ``X``, ``!``); frames go out through a duplicate of
-the socket's descriptor (see :class:`errand_boy._aio_streams._Sender` for why). There is no thread
-and no fork. All framing is :mod:`errand_boy.protocol`'s, and the arguments
-are read as :mod:`errand_boy.client` reads them.
+reads the reply and feeds it to the client core that the sync client
+shares (:mod:`errand_boy.client._core`: the ``P``, ``O``/``E``, ``X`` and
+``!`` frames, the result, the plan of descriptors or frames); frames go
+out through a duplicate of the socket's descriptor (see
+:class:`errand_boy._aio_streams._Sender` for why). There is no thread and
+no fork. All framing is :mod:`errand_boy.protocol`'s, and the arguments are
+read as :mod:`errand_boy.client` reads them.
 
 The API copies :mod:`asyncio.subprocess`. These are all the differences:
 
@@ -110,21 +113,14 @@ from typing import (
     cast,
 )  # fmt: skip
 
-from . import client, protocol
+from . import client
 from ._aio_process import Process as Process
 from ._aio_process import _read_all as _read_all
+from ._aio_start import _create
+from ._aio_start import status as status
 from ._aio_streams import DEFAULT_LIMIT as DEFAULT_LIMIT
 from ._aio_streams import StdinWriter as StdinWriter
-from ._aio_streams import _check_server, _Sink
-from .client import _fds, _launch
 from .defaults import resolve_socket_path
-from .exceptions import (
-    BadRequest,
-    ErrandBoyError,
-    RemoteProtocolError,
-    ServerUnavailable,
-    error_from_frame,
-)
 
 __all__ = [
     "PIPE",
@@ -167,107 +163,6 @@ def _encode(data: Union[str, bytes], codec: Optional[Tuple[str, str]]) -> bytes:
     if isinstance(data, str):
         return data.encode(*codec) if codec is not None else data.encode("utf-8")
     return bytes(data)
-
-
-# --------------------------------------------------------------------------
-# Starting commands
-
-
-async def _create(
-    args: Any,
-    target: Dict[str, Any],
-    *,
-    stdin: Any,
-    stdout: Any,
-    stderr: Any,
-    cwd: Any,
-    env: Optional[Mapping[Any, Any]],
-    timeout: Optional[float],
-    limit: int,
-    socket_path: Optional[str],
-    trusted_uids: Optional[Iterable[int]] = None,
-    early_input: Optional[bytes] = None,
-    pass_fds: Sequence[int] = (),
-    server_env: bool = False,
-    frames: bool = False,
-) -> Process:
-    path = resolve_socket_path(socket_path)
-    common = _launch.run_options(target, cwd, env, timeout, server_env)
-    plan = None
-    if not frames and path not in _launch._REVISION_ONE:
-        plan = _fds.plan_streams(stdin, stdout, stderr, pass_fds)
-    if plan is None and pass_fds:
-        raise ValueError(
-            "pass_fds needs descriptors: not with frames=True, a revision-1 server, "
-            "or a stdin without fileno()"
-        )
-    if plan is not None:
-        try:
-            outputs = (stdout, stderr)
-            return await _create_with_fds(args, plan, outputs, path, common, limit, trusted_uids, early_input)
-        except BadRequest:
-            if pass_fds or not await _revision_one(path, trusted_uids):
-                raise
-            _launch._REVISION_ONE.add(path)  # a revision-1 server: frames from now on
-    wire_stdin, source = client._stdin_plan(stdin)
-    wire_stdout, out_sink = client._output_plan(stdout, 1)
-    wire_stderr, err_sink = client._output_plan(stderr, 2)
-    wire = {"stdin": wire_stdin, "stdout": wire_stdout, "stderr": wire_stderr}
-    request = _launch.run_request(wire, (), common)
-    process = Process(args, path, {1: out_sink, 2: err_sink}, limit, trusted_uids)
-    if early_input is not None:
-        # The caller's whole input (run, run_cmd): no stdin stream. Small
-        # input goes in the same send as the request.
-        if len(early_input) <= client.EARLY_INPUT_LIMIT:
-            request += protocol.input_frame(early_input) if early_input else b""
-            request += protocol.end_of_input_frame()
-            process._input_ended = True
-        else:
-            source = client._BytesSource(early_input)
-    elif stdin is PIPE:
-        process.stdin = StdinWriter(process)
-    await process._start(request, source)
-    return process
-
-
-async def _create_with_fds(
-    args: Any, plan: _fds.StreamPlan, outputs: Tuple[Any, Any], path: str, common: Dict[str, Any],
-    limit: int, trusted_uids: Optional[Iterable[int]], early_input: Optional[bytes],
-) -> Process:  # fmt: skip
-    """Revision 2: the streams are descriptors sent with the request."""
-    sinks: Dict[int, Optional[_Sink]] = {1: client._discard, 2: client._discard}
-    for number, name in ((1, "stdout"), (2, "stderr")):
-        if plan.wire[name] == "pipe":  # a writer without fileno(): its output comes in frames
-            sinks[number] = _fds_file_sink(outputs[number - 1])
-    request = _launch.run_request(plan.wire, plan.pass_fds, common)
-    process = Process(args, path, sinks, limit, trusted_uids)
-    try:
-        try:
-            await process._start(request, None, plan.send)
-        finally:
-            plan.close_theirs()
-        await process._connect_pipes(plan, limit)
-    except BaseException:
-        plan.close_all()
-        raise
-    process._early_input = early_input
-    return process
-
-
-def _fds_file_sink(target: Any) -> _Sink:
-    from .client._io import _file_sink
-
-    return _file_sink(target)
-
-
-async def _revision_one(path: str, trusted_uids: Optional[Iterable[int]]) -> bool:
-    """Whether the server speaks protocol revision 1 (no descriptors)."""
-    try:
-        info = await status(path, trusted_uids=trusted_uids)
-    except (ErrandBoyError, OSError):
-        return False
-    revision = info.get("revision", 1)
-    return not isinstance(revision, int) or revision < 2
 
 
 def _refuse_text(kwds: Dict[str, Any]) -> None:
@@ -432,40 +327,6 @@ async def run(
     if check and returncode:
         raise CalledProcessError(returncode, process.args, output=out, stderr=err)
     return CompletedProcess(process.args, returncode, out, err)
-
-
-async def status(
-    socket_path: Optional[str] = None, *, trusted_uids: Optional[Iterable[int]] = None
-) -> Dict[str, Any]:
-    """The server's figures (its ``S`` object), from a server we trust."""
-    path = resolve_socket_path(socket_path)
-    trusted_uids = client.trusted_uids_from(trusted_uids)
-    try:
-        reader, writer = await asyncio.open_unix_connection(path)
-    except OSError as exc:
-        raise ServerUnavailable(path, exc) from exc
-    _check_server(writer, path, trusted_uids)
-    parser = protocol.ReplyParser()
-    try:
-        writer.write(protocol.encode_status_request())
-        while True:
-            data = await reader.read(client.RECV_SIZE)
-            if not data:
-                raise client._connection_lost(path)
-            parser.receive_data(data)
-            event = parser.next_event()
-            if isinstance(event, protocol.StatusReply):
-                return event.info
-            if isinstance(event, protocol.Failed):
-                raise error_from_frame(event.info)
-            if event is not protocol.NEED_DATA:
-                raise RemoteProtocolError("a status request answered without an S frame")
-    except RemoteProtocolError as exc:
-        raise client._protocol_broken(path, exc) from exc
-    except ConnectionResetError as exc:
-        raise client._connection_lost(path) from exc
-    finally:
-        writer.transport.abort()
 
 
 # --------------------------------------------------------------------------

@@ -811,3 +811,17 @@ def test_exit_raises_broken_pipe_of_stdin(transport: UNIXSocketTransport) -> Non
     with pytest.raises(BrokenPipeError):
         process.__exit__(None, None, None)
     assert process.returncode == 0 and process.stdin.closed  # type: ignore[union-attr]
+
+
+def test_an_empty_readinto_inside_an_output_frame(transport: UNIXSocketTransport) -> None:
+    # With frames, a raw stream's readinto() of an empty buffer, while the
+    # socket holds the rest of an O frame, must read nothing (a recv of 0
+    # bytes is no end of stream) and lose nothing.
+    process = transport.Popen("head -c 1000000 /dev/zero", frames=True, bufsize=0, stdin=client.DEVNULL)
+    assert process.stdout is not None
+    got = process.stdout.readinto(bytearray(100))
+    assert got
+    process._command.pump(lambda: process._command.core.payload_window()[0] == 1)
+    assert process.stdout.readinto(bytearray(0)) == 0
+    rest = process.stdout.read()
+    assert got + len(rest) == 1000000 and process.wait() == 0

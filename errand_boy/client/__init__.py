@@ -97,9 +97,7 @@ import time
 from subprocess import DEVNULL, PIPE, STDOUT, CompletedProcess, TimeoutExpired
 from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
-from .. import protocol
 from ..defaults import resolve_socket_path
-from ..exceptions import RemoteProtocolError
 from ._args import _Args as _Args
 from ._args import _decode_text as _decode_text
 from ._args import _output_plan as _output_plan
@@ -111,13 +109,12 @@ from ._command import SIGNAL_FLUSH_WAIT as SIGNAL_FLUSH_WAIT
 from ._command import _Command as _Command
 from ._connection import RECV_SIZE as RECV_SIZE
 from ._connection import _Connection as _Connection
-from ._connection import _connection_lost as _connection_lost
-from ._connection import _protocol_broken as _protocol_broken
+from ._core import EARLY_INPUT_LIMIT as EARLY_INPUT_LIMIT
 from ._io import INPUT_FRAME_SIZE as INPUT_FRAME_SIZE
 from ._io import _BytesSource as _BytesSource
 from ._io import _discard as _discard
 from ._io import _Source as _Source
-from ._launch import EARLY_INPUT_LIMIT as EARLY_INPUT_LIMIT
+from ._launch import server_status
 from ._trust import TRUSTED_UIDS_ENV as TRUSTED_UIDS_ENV
 from ._trust import check_server as check_server
 from ._trust import trusted_uids_from as trusted_uids_from
@@ -217,9 +214,4 @@ def status(
 ) -> Dict[str, Any]:
     """The server's figures (its ``S`` object), from a server we trust
     (``trusted_uids`` as for :class:`Popen`)."""
-    path = resolve_socket_path(socket_path)
-    command = _Command({1: _discard, 2: _discard})
-    command.start(path, protocol.encode_status_request(), trusted_uids)
-    if command.status is None:
-        raise RemoteProtocolError(f"the errand-boy server at {path!r} answered a status request without S")
-    return command.status
+    return server_status(resolve_socket_path(socket_path), trusted_uids)

@@ -1,9 +1,11 @@
-"""One command's exchange with the server: the client side of its connection.
+"""One command's exchange with the server: the sync driver of the core.
 
-:class:`_Command` sends the request and input frames and routes the reply's
-output, a ``PIPE`` stream's to its queue and others' to their sinks, while
-the caller waits, polls, communicates or reads. It knows nothing of the
-stream objects, so they can keep it alive without a reference cycle.
+:class:`_Command` drives a :class:`~errand_boy.client._core.CommandCore`
+with a blocking socket and selectors: it sends the request and input
+frames, feeds the reply to the core (which routes output, a ``PIPE``
+stream's to its queue and others' to their sinks, and keeps the result)
+while the caller waits, polls, communicates or reads. It knows nothing of
+the stream objects, so they can keep it alive without a reference cycle.
 """
 
 from __future__ import annotations
@@ -13,12 +15,11 @@ import selectors
 import signal
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, Iterable, Mapping, Optional, Sequence
 
-from .. import protocol
-from ..exceptions import ConnectionLost, RemoteProtocolError, error_from_frame
-from ._connection import RECV_SIZE, _Connection, _protocol_broken
-from ._io import INPUT_FRAME_SIZE, _discard, _Sink, _Source
+from ._connection import RECV_SIZE, _Connection
+from ._core import CommandCore
+from ._io import _discard, _Sink, _Source
 
 #: How long a signal waits for a half-sent input frame to go before it gives
 #: up and closes the connection (which kills the command).
@@ -42,24 +43,37 @@ class _Command:
     cycle: when the last of them goes, ``__del__`` closes the socket.
     """
 
-    def __init__(self, sinks: Dict[int, Optional[_Sink]]) -> None:
+    def __init__(self, socket_path: str, sinks: Mapping[int, Optional[_Sink]], op: str = "run") -> None:
         self.conn: Optional[_Connection] = None
-        self.pid: Optional[int] = None
-        self.returncode: Optional[int] = None
-        self.reason: Optional[str] = None
-        self.info: Dict[str, Any] = {}
-        self.status: Optional[Dict[str, Any]] = None
-        self.error: Optional[BaseException] = None
-        self.input_ended = False
         self.source: Optional[_Source] = None
         self.queues: Dict[int, Deque[Any]] = {1: deque(), 2: deque()}
-        # route[fd] takes each piece of output for fd (1 or 2)
-        self._route: List[_Sink] = [_discard, _discard, _discard]
+        routes: Dict[int, _Sink] = {}
         for fd in (1, 2):
             sink = sinks[fd]
-            self._route[fd] = self.queues[fd].append if sink is None else sink
+            routes[fd] = self.queues[fd].append if sink is None else sink
+        self.core = CommandCore(socket_path, routes, op)
 
-    # -- life cycle -------------------------------------------------------
+    # -- the core's result --------------------------------------------------
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.core.pid
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.core.returncode
+
+    @property
+    def reason(self) -> Optional[str]:
+        return self.core.reason
+
+    @property
+    def info(self) -> Dict[str, Any]:
+        return self.core.info
+
+    @property
+    def input_ended(self) -> bool:
+        return self.core.input_ended
 
     @property
     def finished(self) -> bool:
@@ -67,16 +81,12 @@ class _Command:
         return self.conn is None
 
     def start(
-        self,
-        socket_path: str,
-        request: bytes,
-        trusted_uids: Optional[Iterable[int]] = None,
-        fds: Sequence[int] = (),
+        self, request: bytes, trusted_uids: Optional[Iterable[int]] = None, fds: Sequence[int] = ()
     ) -> None:
         """Connect, check the server, send the request (with ``fds``, in one
         SCM_RIGHTS message), and read until the command started (see
         :mod:`._trust` for ``trusted_uids``)."""
-        self.conn = _Connection(socket_path, trusted_uids)
+        self.conn = _Connection(self.core.socket_path, trusted_uids)
         try:
             try:
                 if fds:
@@ -85,8 +95,8 @@ class _Command:
                     self.conn.send(request)
             except BrokenPipeError:
                 pass  # the server may have answered already: read its reply
-            self.pump(lambda: self.pid is not None or self.conn is None)
-            if self.pid is None:  # never started: a ! frame, a lost connection, garbage
+            self.pump(lambda: self.core.started)
+            if self.core.pid is None:  # never started: a ! frame, a lost connection, garbage
                 self.raise_failure()
         except BaseException:
             self.abandon()
@@ -95,13 +105,11 @@ class _Command:
     def raise_failure(self) -> None:
         """Raise what ended the connection, if it was a failure (a ``!``
         frame, a lost connection, a broken reply), as often as asked."""
-        if self.error is not None:
-            raise self.error.with_traceback(None)
+        self.core.raise_failure()
 
-    def _finish(self, error: Optional[BaseException]) -> None:
+    def _close(self) -> None:
         conn, self.conn = self.conn, None
         self.source = None
-        self.error = error
         if conn is not None:
             conn.close()
 
@@ -110,15 +118,14 @@ class _Command:
         conn = self.conn
         if conn is None:
             return
-        if not conn.pending:
+        last = self.core.abandon(returncode, reason)
+        if last and not conn.pending:
             try:  # a best effort, never blocking: the close alone is enough
                 conn.set_timeout(0.0)
-                conn.sock.send(protocol.signal_frame(signal.SIGKILL))
+                conn.sock.send(last)
             except OSError:
                 pass
-        if self.pid is not None and self.returncode is None:
-            self.returncode, self.reason = returncode, reason
-        self._finish(None)
+        self._close()
 
     def __del__(self) -> None:
         try:
@@ -157,55 +164,30 @@ class _Command:
         return self.conn is not None and self._receive(0.0)
 
     def _receive(self, timeout: Optional[float]) -> bool:
-        conn = self.conn
+        conn, core = self.conn, self.core
         assert conn is not None
         try:
-            fd, size = conn.parser.payload_window()
+            fd, size = core.payload_window()
             if fd:
                 # Inside an output payload: its bytes skip the parser's copies.
                 data = conn.receive_payload(min(size, RECV_SIZE), timeout)
                 if data is None:
                     return False
-                self._route[fd](data)
-                return True
-            moved = conn.receive(timeout)
-        except ConnectionLost as exc:
-            self._finish(exc)
-            return True
-        if moved:
-            self._dispatch(conn)
-        return moved
-
-    def _dispatch(self, conn: _Connection) -> None:
-        """Act on every event the parser can give now."""
-        next_event = conn.parser.next_event
-        route = self._route
-        Output, NEED_DATA = protocol.Output, protocol.NEED_DATA
-        while True:
-            try:
-                event = next_event()
-            except RemoteProtocolError as exc:
-                self._finish(_protocol_broken(conn.socket_path, exc))
-                return
-            if type(event) is Output:
-                route[event.fd](event.data)
-            elif event is NEED_DATA:
-                return
-            elif type(event) is protocol.Started:
-                self.pid = event.pid
+                if data:
+                    core.payload_received(data)
+                else:
+                    core.receive_data(data)  # the end of the stream, too early
             else:
-                self._on_last(event)
-                return
-
-    def _on_last(self, event: Any) -> None:
-        if isinstance(event, protocol.Exited):
-            self.returncode, self.reason, self.info = event.returncode, event.reason, event.info
-            self._finish(None)
-        elif isinstance(event, protocol.Failed):
-            self._finish(error_from_frame(event.info))
-        else:
-            self.status = event.info
-            self._finish(None)
+                view = conn.receive(timeout)
+                if view is None:
+                    return False
+                with view:
+                    core.receive_data(view)  # type: ignore[arg-type]  # copied by the parser
+        except ConnectionResetError as exc:
+            core.connection_lost(exc)
+        if core.finished:
+            self._close()
+        return True
 
     def _exchange(self, ready: _Ready, deadline: Optional[float]) -> bool:
         """Send input while receiving, until ready(), the deadline (False),
@@ -267,11 +249,11 @@ class _Command:
         assert source is not None
         data = source.read()
         if data:
-            conn.queue(protocol.input_frame(data))
+            for frame in self.core.input_frames(data):
+                conn.queue(frame)
         elif data is not None:  # end of the input
-            conn.queue(protocol.end_of_input_frame())
+            conn.queue(self.core.end_of_input())
             self.source = None
-            self.input_ended = True
 
     def _send_some(self, conn: _Connection) -> None:
         try:
@@ -279,7 +261,7 @@ class _Command:
         except BrokenPipeError:
             # The command no longer takes input; its reply is still to come.
             self.source = None
-            self.input_ended = True
+            self.core.input_ended = True
 
     # -- what the Popen proxy and the streams call -------------------------
 
@@ -289,13 +271,11 @@ class _Command:
         if not queue:
             conn = self.conn
             if conn is not None and self.source is None and not conn.pending:
-                window_fd, size = conn.parser.payload_window()
-                if window_fd == fd:  # the hot path: socket to caller, one copy
-                    try:
-                        return conn.receive_into(b, min(size, len(b)), None)
-                    except ConnectionLost as exc:
-                        self._finish(exc)
-                        raise
+                window_fd, size = self.core.payload_window()
+                if window_fd == fd and len(b):  # the hot path: socket to caller, one copy
+                    count = self._receive_into(conn, b, min(size, len(b)))
+                    if count:
+                        return count
             self.pump(lambda: bool(queue) or self.conn is None)
             if not queue:
                 self.raise_failure()
@@ -311,6 +291,20 @@ class _Command:
         b[:size] = view[:size]
         queue[0] = view[size:]
         return size
+
+    def _receive_into(self, conn: _Connection, b: Any, size: int) -> int:
+        """Payload bytes straight into the reader's buffer; 0 at a failure."""
+        try:
+            count = conn.receive_into(b, size)
+        except ConnectionResetError as exc:
+            self.core.connection_lost(exc)
+        else:
+            if count:
+                self.core.payload_read(count)
+                return count
+            self.core.receive_data(b"")
+        self._close()
+        return 0
 
     def read_chunk(self, fd: int, size: int) -> bytes:
         """The next output of ``fd``, up to ``size`` bytes (b"" at the end)."""
@@ -338,32 +332,26 @@ class _Command:
     def close_output(self, fd: int) -> None:
         """The reader of ``fd`` was closed: drop its output from now on."""
         self.queues[fd].clear()
-        self._route[fd] = _discard
+        self.core.set_sink(fd, _discard)
 
     def write_input(self, data: bytes) -> None:
         """Send ``data`` as input now, blocking (the stdin stream's write)."""
-        if self.conn is None or self.input_ended:
-            raise BrokenPipeError(errno.EPIPE, "the command's standard input is closed")
-        if len(data) <= INPUT_FRAME_SIZE:
-            self._send(protocol.input_frame(data))
-            return
-        for start in range(0, len(data), INPUT_FRAME_SIZE):
-            self._send(protocol.input_frame(data[start : start + INPUT_FRAME_SIZE]))
+        for frame in self.core.input_frames(data):
+            self._send(frame)
 
     def end_input(self) -> None:
         """Close the command's standard input (once)."""
-        if self.conn is None or self.input_ended:
-            return
-        self.input_ended = True
-        self._send(protocol.end_of_input_frame())
+        frame = self.core.end_of_input()
+        if frame and self.conn is not None:
+            self._send(frame)
 
     def set_source(self, source: _Source) -> None:
         self.source = source
 
     def send_signal(self, signum: int) -> None:
         """Send a ``K`` frame, unless the command is over."""
-        frame = protocol.signal_frame(signum)
-        if self.conn is None:
+        frame = self.core.signal_frame(signum)
+        if self.conn is None or not frame:
             return
         if self.conn.pending:
             self._flush_pending(time.monotonic() + SIGNAL_FLUSH_WAIT)

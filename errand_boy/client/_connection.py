@@ -1,10 +1,10 @@
 """One socket to the errand-boy server: connecting, sending, receiving.
 
-:class:`_Connection` owns the Unix socket of one command and the reply
-parser behind it. It sends frames whole or a piece at a time, and receives
-into a per-thread buffer (or, inside an output payload, straight into the
-caller's buffer). The errors for a server that went away or broke the
-protocol are made here, and shared with :mod:`errand_boy.aio`.
+:class:`_Connection` owns the Unix socket of one command (the sync
+client's I/O; what the bytes mean is :mod:`._core`'s). It checks the
+server's credentials before sending a byte, sends frames whole or a piece
+at a time, and receives into a per-thread buffer (or, inside an output
+payload, straight into the caller's buffer).
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import array
 import errno
 import socket
 import threading
-from typing import Any, Iterable, Optional, Sequence, cast
+from typing import Any, Iterable, Optional, Sequence
 
-from .. import protocol
-from ..exceptions import ConnectionLost, RemoteProtocolError, ServerUnavailable
+from ..exceptions import ServerUnavailable
 from ._trust import check_server, trusted_uids_from
 
 #: Bytes asked of the socket per receive outside an output payload (and per
@@ -30,7 +29,7 @@ RECV_SIZE = 64 * 1024
 _EMPTY = memoryview(b"")
 
 # One receive buffer per thread, reused for every recv_into: no allocation
-# per read. The parser copies out of it before anything can run in between.
+# per read. The core's parser copies out of it before anything can run in between.
 _local = threading.local()
 
 
@@ -42,28 +41,12 @@ def _receive_buffer() -> bytearray:
     return buf
 
 
-# Shared with errand_boy.aio: the errors and argument rules of both clients.
-
-
-def _connection_lost(socket_path: str) -> ConnectionLost:
-    return ConnectionLost(
-        f"the errand-boy server at {socket_path!r} went away before the reply was complete", socket_path
-    )
-
-
-def _protocol_broken(socket_path: str, exc: RemoteProtocolError) -> RemoteProtocolError:
-    error = RemoteProtocolError(f"the errand-boy server at {socket_path!r} broke the protocol: {exc.message}")
-    error.__cause__ = exc
-    return error
-
-
 class _Connection:
-    """One socket to the server, the reply parser behind it, and any bytes
-    of a frame that a non-blocking send left unsent (``pending``)."""
+    """One socket to the server, and any bytes of a frame that a
+    non-blocking send left unsent (``pending``)."""
 
     def __init__(self, socket_path: str, trusted_uids: Optional[Iterable[int]] = None) -> None:
         self.socket_path = socket_path
-        self.parser = protocol.ReplyParser()
         self.pending = _EMPTY
         trusted_uids = trusted_uids_from(trusted_uids)  # a bad setting fails before connecting
         # Looked up at call time, so a monkey-patched socket module is used.
@@ -127,61 +110,31 @@ class _Connection:
             raise BrokenPipeError(errno.EPIPE, "the errand-boy server takes no more input") from exc
         self.pending = self.pending[sent:]
 
-    def receive(self, timeout: Optional[float]) -> bool:
-        """Read once into the parser; False when nothing came within ``timeout``.
-
-        The caller closes the connection as soon as the reply is complete,
-        so an end of stream or a reset here always comes too early.
-        """
+    def receive(self, timeout: Optional[float]) -> Optional[memoryview]:
+        """Read once into this thread's buffer: a view of what came (empty at
+        the end of the stream), or None when nothing came within ``timeout``.
+        The view is good until the next receive of this thread."""
         self.set_timeout(timeout)
         buf = _receive_buffer()
         try:
             count = self.sock.recv_into(buf)
         except (BlockingIOError, socket.timeout):  # socket.timeout: TimeoutError from 3.10
-            return False
-        except ConnectionResetError as exc:
-            raise self.lost() from exc
-        if not count:
-            raise self.lost()
-        with memoryview(buf) as view:
-            # The parser copies what it is given (bytes-like is enough).
-            self.parser.receive_data(cast(bytes, view[:count]))
-        return True
+            return None
+        return memoryview(buf)[:count]
 
-    def receive_into(self, buffer: Any, size: int, timeout: Optional[float]) -> int:
-        """Read up to ``size`` payload bytes straight into ``buffer`` (one copy,
-        as from a local pipe); 0 when nothing came within ``timeout``.
-
-        Only inside the payload window the parser reports.
-        """
-        self.set_timeout(timeout)
-        try:
-            count = self.sock.recv_into(buffer, size)
-        except (BlockingIOError, socket.timeout):
-            return 0
-        except ConnectionResetError as exc:
-            raise self.lost() from exc
-        if not count:
-            raise self.lost()
-        self.parser.payload_received(count)
-        return count
+    def receive_into(self, buffer: Any, size: int) -> int:
+        """Read up to ``size`` bytes straight into ``buffer``, blocking (one
+        copy, as from a local pipe); 0 at the end of the stream."""
+        self.set_timeout(None)
+        return int(self.sock.recv_into(buffer, size))
 
     def receive_payload(self, size: int, timeout: Optional[float]) -> Optional[bytes]:
-        """Read up to ``size`` payload bytes as one new bytes object (None: timeout)."""
+        """Read up to ``size`` bytes as one new bytes object (None: timeout)."""
         self.set_timeout(timeout)
         try:
-            data = self.sock.recv(size)
+            return bytes(self.sock.recv(size))
         except (BlockingIOError, socket.timeout):
             return None
-        except ConnectionResetError as exc:
-            raise self.lost() from exc
-        if not data:
-            raise self.lost()
-        self.parser.payload_received(len(data))
-        return data
-
-    def lost(self) -> ConnectionLost:
-        return _connection_lost(self.socket_path)
 
     def close(self) -> None:
         self.sock.close()

@@ -20,12 +20,12 @@ from subprocess import PIPE, TimeoutExpired
 from typing import IO, Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union, cast
 
 from ..defaults import resolve_socket_path
-from ..exceptions import BadRequest, ConnectionLost
-from . import _fds
+from ..exceptions import ErrandBoyError
 from ._args import _Args, _decode_text, _target, _text_mode
+from ._core import Launch
 from ._exchange import PipeExchange
 from ._io import _BytesSource
-from ._launch import _REVISION_ONE, _check_bufsize, _Launch, _speaks_revision_one, run_options
+from ._launch import _check_bufsize, _Launch, status_or_none
 
 
 def _timeout_expired(
@@ -97,31 +97,23 @@ class Popen(_Launch):
         self._exchange: Optional[PipeExchange] = None
         self._fd_mode = False
         self._pipe_input = b""
-        path = resolve_socket_path(socket_path)
-        target = _target(args, shell)
-        common = run_options(target, cwd, env, timeout, server_env)
-        plan = (
-            None
-            if frames or path in _REVISION_ONE
-            else _fds.plan_streams(stdin, stdout, stderr, pass_fds, pipesize)
-        )
-        if plan is None and pass_fds:
-            raise ValueError(
-                "pass_fds needs descriptors, which travel only without frames=True, to a server of "
-                "protocol revision 2, and with a stdin that has a fileno()"
-            )
+        launch = Launch(
+            resolve_socket_path(socket_path), _target(args, shell), cwd=cwd, env=env, timeout=timeout,
+            server_env=server_env, frames=frames, pass_fds=pass_fds,
+        )  # fmt: skip
+        plan = launch.descriptor_plan(stdin, stdout, stderr, pipesize)
         if plan is not None:
             try:
-                self._start_with_fds(
-                    plan, (stdout, stderr), path, trusted_uids, common, bufsize, encoding, errors, _input
-                )
+                outputs = (stdout, stderr)
+                self._start_with_fds(launch, plan, outputs, trusted_uids, bufsize, encoding, errors, _input)
                 return
-            except BadRequest as exc:
-                if pass_fds or not _speaks_revision_one(path, trusted_uids, exc):
+            except ErrandBoyError as exc:
+                if not launch.may_fall_back(exc):
                     raise
-                _REVISION_ONE.add(path)  # a revision-1 server: frames from now on
+                if not launch.fall_back(status_or_none(launch.socket_path, trusted_uids)):
+                    raise
         self._start_with_frames(
-            stdin, stdout, stderr, path, trusted_uids, common, bufsize, encoding, errors, _input
+            launch, stdin, stdout, stderr, trusted_uids, bufsize, encoding, errors, _input
         )
 
     # -- subprocess attributes ---------------------------------------------
@@ -180,7 +172,7 @@ class Popen(_Launch):
                 if not command.finished:
                     command.pump(lambda: command.finished, time.monotonic())
                 command.raise_failure()
-            self._returncode = command.returncode
+            self._returncode = command.returncode  # None while it runs
         finally:
             self._wait_lock.release()
         return self._returncode
@@ -197,10 +189,7 @@ class Popen(_Launch):
         try:
             if command.returncode is None and not command.pump(lambda: command.finished, deadline):
                 raise _timeout_expired(self.args, timeout)
-            if command.returncode is None:
-                command.raise_failure()
-                raise ConnectionLost("the connection was given up")
-            self._returncode = command.returncode
+            self._returncode = command.core.result()
         finally:
             self._wait_lock.release()
         return self._returncode
@@ -238,10 +227,7 @@ class Popen(_Launch):
                 self._close_stdin()
         if not done:
             raise _timeout_expired(self.args, timeout, self._output_so_far(1), self._output_so_far(2))
-        if command.returncode is None:
-            command.raise_failure()
-            raise ConnectionLost("the connection was given up")
-        self._returncode = command.returncode
+        self._returncode = command.core.result()
         out, err = self._collect(1, self.stdout), self._collect(2, self.stderr)
         for stream in (self.stdout, self.stderr):  # as subprocess: communicate() closes them
             if stream is not None:
@@ -259,11 +245,7 @@ class Popen(_Launch):
             exchange = self._exchange = PipeExchange(self._command, files, data)
         if not exchange.run(deadline):
             raise _timeout_expired(self.args, timeout, exchange.so_far(1), exchange.so_far(2))
-        command = self._command
-        if command.returncode is None:
-            command.raise_failure()
-            raise ConnectionLost("the connection was given up")
-        self._returncode = command.returncode
+        self._returncode = self._command.core.result()
         return exchange.collected(1), exchange.collected(2)
 
     def _start_input(self, input: Union[str, bytes, None]) -> None:
