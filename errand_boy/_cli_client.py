@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from functools import partial
 from subprocess import DEVNULL
-from typing import Optional
+from typing import Any, List, Optional, Union
 
+from ._cli_errors import explain
 from .client import Popen
 from .defaults import resolve_socket_path
 from .exceptions import ErrandBoyError
@@ -24,24 +26,31 @@ EXIT_ERRAND_BOY_FAILED = 125
 
 
 def run_command_line(
-    command: str,
+    command: Union[str, List[str]],
     *,
     socket_path: Optional[str],
     timeout: Optional[float],
     cwd: Optional[str],
     pass_stdin: bool,
+    transport: Any = None,
 ) -> int:
-    """Run ``command`` through the server; return the exit status to exit with."""
+    """Run ``command`` through the server; return the exit status to exit with.
+
+    A string is a shell command line, a list a program and its arguments
+    (no shell). ``transport``, when given, starts the process (its options
+    apply); otherwise :class:`~errand_boy.client.Popen` on ``socket_path``.
+    """
     socket_path = resolve_socket_path(socket_path)
     process: Optional[Popen] = None
     try:
-        process = Popen(
+        start = transport.Popen if transport is not None else partial(Popen, socket_path=socket_path)
+        process = start(
             command, stdin=0 if pass_stdin else DEVNULL, stdout=None, stderr=None,
-            cwd=cwd, timeout=timeout, socket_path=socket_path,
+            cwd=cwd, timeout=timeout,
         )  # fmt: skip
         returncode = _wait(process)
     except ErrandBoyError as exc:
-        _complain(str(exc))
+        _complain(explain(exc, socket_path))
         return EXIT_ERRAND_BOY_FAILED
     except KeyboardInterrupt:
         # Ctrl-C while starting (or between two waits): give up the command.

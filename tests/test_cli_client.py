@@ -34,9 +34,22 @@ def test_output_and_exit_status(socket_path: str) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (3, b"hi\n", b"oops\n")
 
 
-def test_command_words_are_joined(socket_path: str) -> None:
-    result = run_cli(socket_path, "echo", "a", "b")
-    assert (result.returncode, result.stdout) == (0, b"a b\n")
+def test_several_words_are_argv_without_a_shell(socket_path: str) -> None:
+    result = run_cli(socket_path, "printf", "%s\\n", "a", "b c", "$HOME", "*")
+    assert (result.returncode, result.stdout) == (0, b"a\nb c\n$HOME\n*\n")
+
+
+def test_double_dash_ends_the_options(socket_path: str) -> None:
+    result = run_cli(socket_path, "--", "ls", "-d", "/")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"/\n", b"")
+
+
+def test_an_option_after_the_command_is_refused_before_anything_runs(socket_path: str, tmp_path) -> None:
+    marker = tmp_path / "ran"
+    result = run_cli(socket_path, f"touch {marker}", "--timeout", "1")
+    assert result.returncode == 2
+    assert b"--timeout comes after the command" in result.stderr
+    assert not marker.exists()
 
 
 def test_standard_input_is_passed_on(socket_path: str) -> None:
