@@ -58,6 +58,7 @@ def _needs_root() -> None:
         pytest.skip("needs root: the test connects as another user (nobody)")
 
 
+@pytest.mark.smoke
 def test_a_refused_user_is_told_the_server_refuses_them(start_server, open_dir: str) -> None:
     _needs_root()
     server = start_server("--pool-size", "1", "--socket-mode", "0666")
@@ -110,6 +111,7 @@ def test_a_stopping_server_says_so(start_server) -> None:
     assert server.proc.wait(20) == 0
 
 
+@pytest.mark.smoke
 def test_a_missing_server_says_start_one(sock_dir: str) -> None:
     path = os.path.join(sock_dir, "none")
     done = subprocess.run(cli(path, "true"), capture_output=True, text=True, timeout=60)
@@ -117,6 +119,7 @@ def test_a_missing_server_says_start_one(sock_dir: str) -> None:
     assert "No server listens there" in done.stderr and "Start one with" in done.stderr
 
 
+@pytest.mark.smoke
 def test_status_into_a_closed_pipe_is_quiet(socket_path: str) -> None:
     command = " ".join(cli(socket_path, "--status")) + " | true; echo ${PIPESTATUS[0]}"
     done = subprocess.run(
@@ -133,6 +136,7 @@ def test_status_into_a_closed_pipe_is_quiet(socket_path: str) -> None:
     assert reader_gone.stdout.strip() == "141"
 
 
+@pytest.mark.smoke
 def test_formatters_never_write_the_flood_key() -> None:
     import logging
 
