@@ -217,6 +217,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parse_command_line(parser, sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:  # --help, --version, a usage error
         return EXIT_BROKEN_PIPE if _stdout_broken() else _exit_code(exc)
+    except BrokenPipeError:  # --help into a closed pipe (argparse lets it through before 3.11)
+        _stdout_broken()
+        return EXIT_BROKEN_PIPE
     try:
         transport_cls = load_transport(args.transport)
     except (ImportError, AttributeError, ValueError) as exc:
