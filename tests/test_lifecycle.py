@@ -755,7 +755,6 @@ def test_forbidden_by_default(start_server, open_dir):
 
 
 @pytest.mark.parametrize("option", ["--allow-uid", "--allow-gid"])
-@pytest.mark.smoke
 def test_allowed_user_or_group_runs(start_server, open_dir, option):
     server = start_server("--pool-size", "2", "--socket-mode", "0666", option, str(NOBODY))
     marker = os.path.join(open_dir, "marker")
