@@ -13,9 +13,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from functools import partial
 from subprocess import DEVNULL
-from typing import Iterable, Optional
+from typing import Any, List, Optional, Union
 
+from ._cli_errors import explain
 from .client import Popen
 from .defaults import resolve_socket_path
 from .exceptions import ErrandBoyError
@@ -25,39 +27,39 @@ EXIT_ERRAND_BOY_FAILED = 125
 
 
 def run_command_line(
-    command: str,
+    command: Union[str, List[str]],
     *,
     socket_path: Optional[str],
     timeout: Optional[float],
     cwd: Optional[str],
     pass_stdin: bool,
-    trusted_uids: Optional[Iterable[int]] = None,
-    server_env: bool = False,
-    frames: bool = False,
+    transport: Any = None,
 ) -> int:
     """Run ``command`` through the server; return the exit status to exit with.
 
-    ``trusted_uids`` (``--trust-uid``; default ``$ERRAND_BOY_TRUSTED_UIDS``)
-    names the users besides root and our own whose server we talk to; any
-    other server is refused before a byte is sent (exit status 125).
+    A string is a shell command line, a list a program and its arguments
+    (no shell). ``transport``, when given, starts the process (its options
+    apply: ``--trust-uid``, ``--server-env``, ``--frames``); otherwise
+    :class:`~errand_boy.client.Popen` on ``socket_path``.
 
     The command gets this process's own descriptors 0 (unless
     ``pass_stdin`` is false: then /dev/null), 1 and 2, so it sees the
     terminal, and runs in this process's working directory and environment
-    unless ``server_env`` (``--server-env``). ``frames`` (``--frames``)
-    relays its input and output through the socket instead.
+    unless the transport says otherwise. A server not running as root, as
+    us, or as a trusted user is refused before a byte is sent (exit
+    status 125).
     """
     socket_path = resolve_socket_path(socket_path)
     process: Optional[Popen] = None
     try:
-        process = Popen(
+        start = transport.Popen if transport is not None else partial(Popen, socket_path=socket_path)
+        process = start(
             command, stdin=0 if pass_stdin else DEVNULL, stdout=None, stderr=None,
-            cwd=cwd, timeout=timeout, socket_path=socket_path, trusted_uids=trusted_uids,
-            server_env=server_env, frames=frames,
+            cwd=cwd, timeout=timeout,
         )  # fmt: skip
         returncode = _wait(process)
     except ErrandBoyError as exc:
-        _complain(str(exc))
+        _complain(explain(exc, socket_path))
         return EXIT_ERRAND_BOY_FAILED
     except KeyboardInterrupt:
         # Ctrl-C while starting (or between two waits): give up the command.

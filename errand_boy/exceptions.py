@@ -189,12 +189,21 @@ class ServerUnavailable(ErrandBoyError, ConnectionError):
     """No errand-boy server answers on the socket the client tried."""
 
     def __init__(self, socket_path: str, cause: OSError) -> None:
-        message = (
-            f"cannot connect to the errand-boy server at {socket_path!r}: "
-            f"{cause.strerror or cause}. Start one with "
-            f"'python -m errand_boy.run --socket {socket_path}', or point "
-            f"ERRAND_BOY_SOCKET at a running server's socket."
-        )
+        if cause.errno in (_errno.EACCES, _errno.EPERM):
+            # A socket is there, but not open to this user: starting another
+            # server on it would not help.
+            hint = (
+                "The socket is not open to this user: ask the server's operator for access "
+                "(--socket-mode, --socket-group, --allow-uid), or use a server of your own."
+            )
+        else:
+            hint = (
+                f"No server listens there (a server that is stopping removes its socket at once). "
+                f"Start one with 'python -m errand_boy.run --socket {socket_path}', or point "
+                f"ERRAND_BOY_SOCKET at a running server's socket."
+            )
+        reason = cause.strerror or cause
+        message = f"cannot connect to the errand-boy server at {socket_path!r}: {reason}. {hint}"
         ConnectionError.__init__(self, cause.errno, message)
         self.socket_path = socket_path
 
@@ -251,8 +260,7 @@ class ConnectionLost(ErrandBoyError, ConnectionError):
 
 
 _BY_CODE: Dict[str, Type[ServerError]] = {
-    cls.code: cls
-    for cls in (BadRequest, TooLarge, Forbidden, Busy, ShuttingDown, InternalServerError)
+    cls.code: cls for cls in (BadRequest, TooLarge, Forbidden, Busy, ShuttingDown, InternalServerError)
 }
 
 

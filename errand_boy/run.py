@@ -4,7 +4,11 @@ Without a command it runs the server; with one it is a client that runs the
 command through the server, streams its output and exits with its status::
 
     python -m errand_boy.run                 # serve on /tmp/errand-boy
-    python -m errand_boy.run 'ls -al'        # run a command through it
+    python -m errand_boy.run 'ls -al'        # run a shell command line through it
+    python -m errand_boy.run ls -al          # run a program with arguments, no shell
+
+The options come first; :mod:`errand_boy._cli_parse` splits them from the
+command and checks that each belongs to the mode in use.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from . import __version__
+from ._cli_parse import CLIENT_OPTIONS, SERVER_OPTIONS, STATUS_OPTIONS, parse_command_line
 from ._ids import group_id, user_id
 from .defaults import DEFAULT_SOCKET_PATH, SOCKET_ENV
 from .protocol import DEFAULT_MAX_REQUEST_BYTES
@@ -24,6 +29,28 @@ from .protocol import DEFAULT_MAX_REQUEST_BYTES
 DEFAULT_TRANSPORT = "errand_boy.transports.unixsocket.UNIXSocketTransport"
 #: The exit status when errand-boy itself failed (as ``docker run`` and ``env`` use it).
 EXIT_ERRAND_BOY_FAILED = 125
+#: The exit status when our own standard output was closed (128 + SIGPIPE).
+EXIT_BROKEN_PIPE = 141
+
+DESCRIPTION = """\
+Without COMMAND: run the errand-boy server. With COMMAND: run it through the
+server, stream its output, and exit with its exit status (128+N when signal N
+ended it; 125 when errand-boy itself failed; 2 for a usage error).
+
+One COMMAND argument is a shell command line, run by /bin/sh -c; several are a
+program and its arguments, run without a shell. errand-boy's options go before
+the command; -- ends them."""
+
+EXAMPLES = """\
+examples:
+  %(prog)s                                  run the server on the default socket
+  %(prog)s --pool-size 4 --default-timeout 600
+  %(prog)s 'ls -al | head'                  a shell command line (one argument)
+  %(prog)s printf '%%s\\n' a 'b c'            a program and its arguments, no shell
+  %(prog)s --timeout 10 --cwd /srv make     client options go before the command
+  %(prog)s -- grep --timeout x file         -- ends errand-boy's options
+  %(prog)s --status                         the server's figures (exit 1: no server)
+"""
 
 
 def _positive_int(text: str) -> int:
@@ -78,14 +105,19 @@ def _gid(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m errand_boy.run") -> argparse.ArgumentParser:
+    """The command line's parser; :func:`main` splits off the command first (see :mod:`._cli_parse`)."""
     parser = argparse.ArgumentParser(
-        prog="python -m errand_boy.run",
-        description=(
-            "Without COMMAND: run the errand-boy server. With COMMAND: run it through the "
-            "server, stream its output, and exit with its exit status (128+N when signal N "
-            "ended it; 125 when errand-boy itself failed)."
+        prog=prog,
+        usage=(
+            f"{prog} [OPTIONS]                  (run the server)\n"
+            f"       {prog} [OPTIONS] [--] COMMAND [ARG ...]  (run a command through it)\n"
+            f"       {prog} --status [--json]"
         ),
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"errand-boy {__version__}")
     parser.add_argument(
@@ -93,15 +125,42 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"the server's Unix socket (default: ${SOCKET_ENV}, else {DEFAULT_SOCKET_PATH})",
     )
-    parser.add_argument("--status", action="store_true",
-                        help="print the running server's figures and exit "
-                             "(non-zero when it is not reachable)")
-    parser.add_argument("--json", action="store_true", help="with --status: print the status reply as JSON")
     parser.add_argument(
-        "-t", "--transport", metavar="DOTTED.PATH", default=DEFAULT_TRANSPORT,
+        "-t",
+        "--transport",
+        metavar="DOTTED.PATH",
+        default=DEFAULT_TRANSPORT,
         help=f"transport class (default: {DEFAULT_TRANSPORT})",
     )
-    server = parser.add_argument_group("server options")
+    client = parser.add_argument_group(CLIENT_OPTIONS, "with COMMAND: run it through the server")
+    # fmt: off
+    client.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                        help="kill the command's process group after this long")
+    client.add_argument("--cwd", metavar="DIR", help="run the command in DIR")
+    client.add_argument("-n", dest="pass_stdin", action="store_false",
+                        help="do not pass standard input on (give the command /dev/null; with --frames a "
+                             "terminal is never passed)")
+    client.add_argument("--server-env", action="store_true",
+                        help="run the command in the server's working directory and environment")
+    client.add_argument("--frames", action="store_true",
+                        help="carry the command's input and output in frames through the server "
+                             "instead of passing this process's descriptors")
+    client.add_argument("--trust-uid", type=_uid, action="append", default=[], metavar="UID",
+                        help="also talk to a server running as this user (name or number; by default "
+                             "only root and your own user are trusted); repeatable; also with --status")
+    # fmt: on
+    status = parser.add_argument_group(STATUS_OPTIONS)
+    status.add_argument(
+        "--status",
+        action="store_true",
+        help="print the running server's figures and exit (non-zero when it is not reachable)",
+    )
+    status.add_argument("--json", action="store_true", help="with --status: print the status reply as JSON")
+    server = parser.add_argument_group(SERVER_OPTIONS, "without COMMAND: run the server")
+    # fmt: off
+    server.add_argument("--default-timeout", type=_seconds, metavar="SECONDS",
+                        help="kill commands whose request sets no timeout after this long "
+                             "(formerly --timeout without a COMMAND)")
     server.add_argument("--pool-size", type=_positive_int, metavar="N",
                         help="worker processes (default: the number of CPUs)")
     server.add_argument("--max-accepts", type=_positive_int, default=0, metavar="N",
@@ -142,15 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DEBUG, INFO (default), WARNING or ERROR")
     server.add_argument("--log-format", default="text", choices=["text", "json"],
                         help="one line of text (default) or one JSON object per record")
-    client = parser.add_argument_group("client options")
-    client.add_argument("--timeout", type=_seconds, metavar="SECONDS",
-                        help="kill the command's process group after this long (server: the default "
-                             "for commands that set none)")
-    client.add_argument("--cwd", metavar="DIR", help="run the command in DIR")
-    client.add_argument("-n", dest="pass_stdin", action="store_false",
-                        help="do not pass standard input on (it is passed when it is not a terminal)")
-    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
-                        help="a shell command; several words are joined with spaces, as ssh does")
+    # fmt: on
+    parser.add_argument(
+        "command",
+        nargs="*",
+        metavar="COMMAND",
+        help="one argument: a shell command line; several: a program and its arguments (no shell)",
+    )
     return parser
 
 
@@ -162,18 +219,54 @@ def load_transport(dotted: str) -> Any:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    name = os.path.basename(sys.argv[0]) if sys.argv else ""
+    parser = build_parser("errand-boy") if name == "errand-boy" else build_parser()
+    try:
+        args = parse_command_line(parser, sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # --help, --version, a usage error
+        return EXIT_BROKEN_PIPE if _stdout_broken() else _exit_code(exc)
+    except BrokenPipeError:  # --help into a closed pipe (argparse lets it through before 3.11)
+        _stdout_broken()
+        return EXIT_BROKEN_PIPE
     try:
         transport_cls = load_transport(args.transport)
     except (ImportError, AttributeError, ValueError) as exc:
         parser.error(f"cannot load transport {args.transport!r}: {exc}")
-    transport = transport_cls(args.socket)
+    # Passed only when asked for, so that a transport without them still works.
+    extras: Dict[str, Any] = {}
+    if args.trust_uid:
+        extras["trusted_uids"] = args.trust_uid
+    if args.server_env:
+        extras["server_env"] = True
+    if args.frames:
+        extras["frames"] = True
+    try:
+        transport = transport_cls(args.socket, **extras)
+    except TypeError as exc:
+        options = ", ".join("--" + name.replace("_", "-") for name in ("trust_uid", "server_env", "frames")
+                            if getattr(args, name))  # fmt: skip
+        parser.error(f"the transport {args.transport} does not take {options}: {exc}")
     if args.status:
         return show_status(transport, as_json=args.json)
     if args.command:
         return run_client(transport, args)
     return run_server(transport, args)
+
+
+def _exit_code(exc: SystemExit) -> int:
+    return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+
+
+def _stdout_broken() -> bool:
+    """Flush standard output; True (and output silenced) if its reader has gone."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        from ._cli_client import _silence_stdout
+
+        _silence_stdout()
+        return True
+    return False
 
 
 def run_server(transport: Any, args: argparse.Namespace) -> int:
@@ -192,7 +285,7 @@ def run_server(transport: Any, args: argparse.Namespace) -> int:
                 queue_timeout=args.queue_timeout,
                 request_timeout=args.request_timeout,
                 graceful_timeout=args.graceful_timeout,
-                timeout=args.timeout,
+                timeout=args.default_timeout,
                 rlimits=args.rlimit,
                 pidfile=args.pidfile,
                 socket_mode=args.socket_mode,
@@ -249,31 +342,40 @@ def format_status(info: Dict[str, Any], socket_path: str) -> str:
 
 
 def show_status(transport: Any, as_json: bool) -> int:
+    from ._cli_errors import explain
     from .exceptions import ErrandBoyError
 
     try:
         info = transport.status()
     except (ErrandBoyError, OSError) as exc:
-        print(f"errand-boy: {exc}", file=sys.stderr)
+        print(f"errand-boy: {explain(exc, transport.socket_path)}", file=sys.stderr)
         return 1
-    if as_json:
-        print(json.dumps(info, indent=2, sort_keys=True))
-    else:
-        print(format_status(info, transport.socket_path))
-    return 0
+    text = (
+        json.dumps(info, indent=2, sort_keys=True) if as_json else format_status(info, transport.socket_path)
+    )
+    try:
+        print(text)
+    except BrokenPipeError:  # `--status | true`: exit as a command killed by SIGPIPE
+        _stdout_broken()
+        return EXIT_BROKEN_PIPE
+    return EXIT_BROKEN_PIPE if _stdout_broken() else 0
 
 
 def run_client(transport: Any, args: argparse.Namespace) -> int:
     from ._cli_client import run_command_line
 
-    command = " ".join(args.command)
-    pass_stdin = args.pass_stdin and not os.isatty(0)
+    # One argument is a shell command line; several are argv, run without a shell.
+    command = args.command[0] if len(args.command) == 1 else list(args.command)
+    # A terminal is passed as it is, like any descriptor; only frames, which
+    # would relay it byte by byte and never see its end, leave it out.
+    pass_stdin = args.pass_stdin and not (args.frames and os.isatty(0))
     return run_command_line(
         command,
         socket_path=transport.socket_path,
         timeout=args.timeout,
         cwd=args.cwd,
         pass_stdin=pass_stdin,
+        transport=transport,
     )
 
 

@@ -111,3 +111,12 @@ def server(start_server) -> ServerProcess:
 @pytest.fixture
 def socket_path(server: ServerProcess) -> str:
     return server.socket_path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    """The fast subset (``-m 'not slow'``) is the unit tests plus a few
+    ``smoke`` tests per integration module: every other ``integration`` test
+    starts servers and processes of its own, and counts as slow."""
+    for item in items:
+        if item.get_closest_marker("integration") and not item.get_closest_marker("smoke"):
+            item.add_marker(pytest.mark.slow)

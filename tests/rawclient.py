@@ -1,4 +1,4 @@
-"""A raw errand-boy client written from PROTOCOL.md alone.
+"""A raw errand-boy client written from docs/protocol.rst alone.
 
 Plain ``socket`` and ``json``, nothing imported from ``errand_boy``: the
 point is to check the server against the written contract, not against the
@@ -27,7 +27,7 @@ Frame = Tuple[str, bytes]
 
 
 class ProtocolViolation(AssertionError):
-    """The server sent something PROTOCOL.md does not allow."""
+    """The server sent something the protocol (docs/protocol.rst) does not allow."""
 
 
 class FrameSplitter:
@@ -122,7 +122,7 @@ class Reply:
         return self.last()
 
     def check_shape(self) -> None:
-        """The order PROTOCOL.md allows: P {O|E} X, or [P {O|E}] !, or a lone S."""
+        """The order the protocol allows: P {O|E} X, or [P {O|E}] !, or a lone S."""
         kinds = self.kinds()
         if not re.fullmatch(r"P[OE]*X|(P[OE]*)?!|S", kinds):
             raise ProtocolViolation(f"frames out of order: {kinds!r}")

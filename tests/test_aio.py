@@ -80,6 +80,7 @@ def transport(socket_path: str) -> AsyncUNIXSocketTransport:
 # run_cmd, run, status
 
 
+@pytest.mark.smoke
 def test_run_cmd(transport: AsyncUNIXSocketTransport) -> None:
     process, stdout, stderr = run_async(lambda: transport.run_cmd("echo hi; echo oops >&2; exit 3"))
     assert (stdout, stderr, process.returncode, process.reason) == (b"hi\n", b"oops\n", 3, "exit")
@@ -161,6 +162,7 @@ def test_timeout_extension_on_create(transport: AsyncUNIXSocketTransport) -> Non
     assert (process.returncode, process.reason, process.timed_out) == (-9, "timeout", True)
 
 
+@pytest.mark.smoke
 def test_status(transport: AsyncUNIXSocketTransport) -> None:
     figures = run_async(transport.status)
     assert figures["protocol"] == 1
@@ -177,6 +179,7 @@ def test_module_level_functions(socket_path: str) -> None:
 # create_subprocess_shell / create_subprocess_exec
 
 
+@pytest.mark.smoke
 def test_shell_communicate_input(transport: AsyncUNIXSocketTransport) -> None:
     async def go() -> Any:
         process = await transport.create_subprocess_shell("tr a-z A-Z; echo done >&2")
@@ -318,6 +321,7 @@ def test_output_to_a_file(transport: AsyncUNIXSocketTransport, tmp_path: Any) ->
     "action, returncode",
     [("terminate", -signal.SIGTERM), ("kill", -signal.SIGKILL), ("send_signal", -signal.SIGUSR1)],
 )
+@pytest.mark.smoke
 def test_signals(transport: AsyncUNIXSocketTransport, action: str, returncode: int) -> None:
     async def go() -> Any:
         process = await transport.create_subprocess_shell("echo ready; sleep 100")
@@ -569,6 +573,7 @@ def test_an_error_frame_while_running_raises_it(fake_server: Callable[..., str])
     assert run_async(go).returncode is None
 
 
+@pytest.mark.smoke
 def test_forbidden_raises_permission_error(fake_server: Callable[..., str]) -> None:
     path = fake_server(error_frame("forbidden", "uid 1000 is not allowed"))
     with pytest.raises(PermissionError) as info:

@@ -30,14 +30,31 @@ def run_cli(socket_path: str, *args: str, **options: Any) -> subprocess.Complete
     return subprocess.run(cli(socket_path, *args), capture_output=True, timeout=60, **options)
 
 
+@pytest.mark.smoke
 def test_output_and_exit_status(socket_path: str) -> None:
     result = run_cli(socket_path, "echo hi; echo oops >&2; exit 3")
     assert (result.returncode, result.stdout, result.stderr) == (3, b"hi\n", b"oops\n")
 
 
-def test_command_words_are_joined(socket_path: str) -> None:
-    result = run_cli(socket_path, "echo", "a", "b")
-    assert (result.returncode, result.stdout) == (0, b"a b\n")
+@pytest.mark.smoke
+def test_several_words_are_argv_without_a_shell(socket_path: str) -> None:
+    result = run_cli(socket_path, "printf", "%s\\n", "a", "b c", "$HOME", "*")
+    assert (result.returncode, result.stdout) == (0, b"a\nb c\n$HOME\n*\n")
+
+
+@pytest.mark.smoke
+def test_double_dash_ends_the_options(socket_path: str) -> None:
+    result = run_cli(socket_path, "--", "ls", "-d", "/")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"/\n", b"")
+
+
+@pytest.mark.smoke
+def test_an_option_after_the_command_is_refused_before_anything_runs(socket_path: str, tmp_path) -> None:
+    marker = tmp_path / "ran"
+    result = run_cli(socket_path, f"touch {marker}", "--timeout", "1")
+    assert result.returncode == 2
+    assert b"--timeout comes after the command" in result.stderr
+    assert not marker.exists()
 
 
 def test_standard_input_is_passed_on(socket_path: str) -> None:
@@ -94,6 +111,7 @@ def test_output_streams_as_it_is_written(socket_path: str) -> None:
     assert process.returncode == 0
 
 
+@pytest.mark.smoke
 def test_missing_server_exits_125_with_one_line(sock_dir: str) -> None:
     path = os.path.join(sock_dir, "nobody")
     result = run_cli(path, "true")
@@ -111,6 +129,7 @@ def test_spawn_failure_exits_125_with_one_line(socket_path: str, tmp_path) -> No
     assert len(lines) == 1 and lines[0].startswith("errand-boy: ")
 
 
+@pytest.mark.smoke
 def test_closed_stdout_ends_the_command(socket_path: str) -> None:
     # `errand-boy yes | head -1`: the client stops when its reader goes.
     process = subprocess.Popen(
@@ -189,7 +208,7 @@ def test_status_for_a_person(server: Any) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("errand-boy ") and f" on {server.socket_path} " in lines[0], lines
     assert f"(master pid {server.pid})" in lines[0], lines
-    assert [line.split()[0] for line in lines[1:]] == ["workers", "running", "served", "latency"], lines
+    assert [line.split()[0] for line in lines[1:]] == ["workers", "running", "contain", "served", "latency"], lines
 
 
 def test_status_as_json(server: Any) -> None:

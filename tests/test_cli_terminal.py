@@ -106,11 +106,11 @@ def finish(process: subprocess.Popen[bytes], master: int, seen: List[bytes]) -> 
 
 def test_the_command_writes_to_the_terminal(socket_path: str) -> None:
     process, master = spawn_in_terminal(
-        socket_path, "test -t 1 && echo out-tty; test -t 2 && echo err-tty >&2"
+        socket_path, "test -t 0 && echo in-tty; test -t 1 && echo out-tty; test -t 2 && echo err-tty >&2"
     )
     seen: List[bytes] = []
     assert finish(process, master, seen) == 0
-    assert b"".join(seen) == b"out-tty\r\nerr-tty\r\n"
+    assert b"".join(seen) == b"in-tty\r\nout-tty\r\nerr-tty\r\n"
 
 
 def test_ls_colours(socket_path: str, tmp_path: Path) -> None:

@@ -128,6 +128,7 @@ def test_transport_socket_path_default_env_and_explicit(monkeypatch: pytest.Monk
     assert UNIXSocketTransport("/tmp/explicit").socket_path == "/tmp/explicit"
 
 
+@pytest.mark.smoke
 def test_status(transport: UNIXSocketTransport, server) -> None:
     info = transport.status()
     assert info["pid"] == server.pid
@@ -181,6 +182,7 @@ def test_run_cmd_argv(transport: UNIXSocketTransport) -> None:
 # Popen basics
 
 
+@pytest.mark.smoke
 def test_popen_communicate_with_cat(transport: UNIXSocketTransport) -> None:
     process = transport.Popen("cat")
     stdout, stderr = process.communicate(input="foo")
@@ -226,6 +228,7 @@ def test_shell_choice_follows_subprocess(transport: UNIXSocketTransport) -> None
     assert stdout == b"zero-one\n"
 
 
+@pytest.mark.smoke
 def test_missing_program_raises_file_not_found(transport: UNIXSocketTransport) -> None:
     with pytest.raises(FileNotFoundError) as info:
         transport.Popen(["errand-boy-no-such-program"])
@@ -322,6 +325,7 @@ def test_bufsize_zero_gives_raw_streams(transport: UNIXSocketTransport) -> None:
 # run()
 
 
+@pytest.mark.smoke
 def test_run_returns_completed_process(transport: UNIXSocketTransport) -> None:
     result = transport.run(["echo", "x"], capture_output=True, text=True)
     assert isinstance(result, subprocess.CompletedProcess)
@@ -524,6 +528,7 @@ def test_a_finished_commands_leftovers_are_killed(transport: UNIXSocketTransport
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.smoke
 def test_signal_reaches_the_whole_group(transport: UNIXSocketTransport) -> None:
     process = transport.Popen("sleep 30 & echo $!; wait")
     assert process.stdout is not None
@@ -732,6 +737,7 @@ def test_an_error_frame_while_running_raises_it(fake_server) -> None:
     assert process.returncode is None
 
 
+@pytest.mark.smoke
 def test_forbidden_raises_permission_error(fake_server) -> None:
     path = fake_server(error_frame("forbidden", "uid 1000 is not allowed"))
     with pytest.raises(PermissionError) as info:

@@ -96,6 +96,7 @@ def bytes_written(pid: int) -> int:
 # --------------------------------------------------------------------------
 # fixtures
 
+
 @pytest.fixture(autouse=True)
 def nothing_left_running() -> Iterator[List[int]]:
     """Set up first, torn down last (after the servers were stopped): kills
@@ -558,6 +559,7 @@ def test_sigterm_graceful_timeout_kills_and_refuses(start_server, sock_dir, grou
     assert wait_for(lambda: not group_members(pid), 1.0), describe(group_members(pid))
 
 
+@pytest.mark.smoke
 def test_second_sigterm_kills_at_once(start_server, groups):
     server = start_server("--pool-size", "2", "--graceful-timeout", "30", "--max-concurrent", "1")
     path = server.socket_path
@@ -742,6 +744,7 @@ def _as_nobody_run(path: str, marker: str) -> Callable[[], Any]:
     return call
 
 
+@pytest.mark.smoke
 def test_forbidden_by_default(start_server, open_dir):
     server = start_server("--pool-size", "2", "--socket-mode", "0666")
     marker = os.path.join(open_dir, "marker")
@@ -787,7 +790,7 @@ def test_socket_mode_and_group(start_server, open_dir):
 
 def test_allowed_by_supplementary_group(start_server, open_dir):
     """--allow-gid also lets in a user who has the group only as a
-    supplementary group (PROTOCOL.md: 'its operator can allow more users or
+    supplementary group (docs/protocol.rst, Access: 'its operator can allow more users or
     groups'; the server reads SO_PEERGROUPS for this). (Found broken: it asked
     getsockopt for 4096 bytes, CPython refuses more than 1024, and the error
     was swallowed.)"""
@@ -1368,6 +1371,7 @@ def test_rlimit_cpu_kills_a_busy_loop(start_server):
         "nofile=-1",  # (found giving "a limit cannot be negative: -1", no option named)
     ],
 )
+@pytest.mark.smoke
 def test_rlimit_invalid_spec_refuses_to_start(sock_dir, spec):
     path = os.path.join(sock_dir, "never")
     result = _server_cli("--socket", path, "--pool-size", "1", "--rlimit", spec)

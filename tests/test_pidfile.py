@@ -303,6 +303,7 @@ def test_stale_garbage_is_taken_over(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert "stale pidfile" in caplog.text
 
 
+@pytest.mark.slow
 def test_twenty_at_once_exactly_one_wins(tmp_path: Path, children: List[subprocess.Popen[bytes]]) -> None:
     path = tmp_path / "eb.pid"
     start_r, start_w = os.pipe()
@@ -320,6 +321,7 @@ def test_twenty_at_once_exactly_one_wins(tmp_path: Path, children: List[subproce
     assert racers.wait(5) == 0
 
 
+@pytest.mark.slow
 def test_release_and_acquire_churn_never_gives_two_owners(
     tmp_path: Path, children: List[subprocess.Popen[bytes]]
 ) -> None:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.rst"
 
 
@@ -27,12 +29,11 @@ def test_readme_has_the_seed_examples() -> None:
     assert "stdout, stderr = process.communicate(input='foo')" in code
 
 
+@pytest.mark.slow
 def test_readme_python_examples_run(server) -> None:
     script = "\n".join(python_blocks())
     env = dict(os.environ, ERRAND_BOY_SOCKET=server.socket_path)
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     # The streaming example prints 1, 2, 3; the signal example -15.
     assert "1\n2\n3\n" in done.stdout

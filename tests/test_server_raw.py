@@ -1,4 +1,4 @@
-"""The server against PROTOCOL.md, through a raw client (tests/rawclient.py).
+"""The server against the protocol (docs/protocol.rst), through a raw client (tests/rawclient.py).
 
 Every test talks to a real ``python -m errand_boy.run`` server (the conftest
 fixtures) over a real socket and checks exact frames, and looks at real
@@ -72,6 +72,7 @@ def bytes_written(pid: int) -> int:
 
 # --------------------------------------------------------------------------
 # fixtures and small clients
+
 
 @pytest.fixture(autouse=True)
 def no_leftover_servers() -> Iterator[None]:
@@ -149,6 +150,7 @@ def start_and_wait_p(
 # simple form
 
 
+@pytest.mark.smoke
 def test_simple_form_example(socket_path):
     with RawClient(socket_path) as client:
         client.send(b"echo hi; echo oops >&2; exit 3\r\n\r\n\r\n\r\n")
@@ -162,6 +164,7 @@ def test_simple_form_example(socket_path):
     assert reply.exit["reason"] == "exit"
 
 
+@pytest.mark.smoke
 def test_simple_form_input_through_cat(socket_path):
     reply = run(socket_path, simple(b"cat", b"line1\nline2\r\nline3\r\rline4"))
     assert reply.stdout == b"line1\nline2\r\nline3\r\rline4"
@@ -197,6 +200,7 @@ def test_simple_form_bytes_after_terminator_ignored(socket_path):
 # extended form
 
 
+@pytest.mark.smoke
 def test_extended_argv_no_shell(socket_path):
     reply = run(socket_path, extended({"argv": ["sh", "-c", 'echo "$0|$1"', "a b", "$HOME;c"]}))
     assert reply.stdout == b"a b|$HOME;c\n"
@@ -279,6 +283,7 @@ def test_binary_output_exact(socket_path):
     assert reply.exit["returncode"] == 0
 
 
+@pytest.mark.smoke
 def test_binary_input_through_i_frames(socket_path):
     data = [b"a\r\nb\r\n\r\nc\r\n", b"\r\n\r\n", bytes(range(256)), b"\r", b"\n\r\n", b"end\r\n"]
     request = extended({"cmd": "cat"}) + b"".join(frame(b"I", d) for d in data) + frame(b"I", b"")
@@ -576,6 +581,7 @@ def test_half_close_does_not_kill(socket_path, request_bytes):
     assert reply.exit["reason"] == "exit"
 
 
+@pytest.mark.smoke
 def test_half_close_closes_stdin(socket_path):
     reply = run(socket_path, extended({"cmd": "cat; echo eof"}) + frame(b"I", b"x"), half_close=True)
     assert reply.stdout == b"xeof\n"
@@ -759,6 +765,7 @@ def test_status(server):
         assert status(path)["served"] == served + n, n
 
 
+@pytest.mark.smoke
 def test_status_counts_running(socket_path, groups):
     client, _pid = start_and_wait_p(socket_path, extended({"cmd": "sleep 100"}), groups)
     with client:
@@ -878,6 +885,7 @@ def test_sigterm_lets_running_command_finish(start_server, groups):
     assert not os.path.exists(path)
 
 
+@pytest.mark.smoke
 def test_sigterm_idle_server_exits_zero(start_server):
     server = start_server("--pool-size", "2")
     workers = workers_of(server.socket_path, 2)

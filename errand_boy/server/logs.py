@@ -177,6 +177,14 @@ def _json_escape(char: str) -> str:
 # formatters
 
 
+def shown_fields(record: logging.LogRecord) -> Mapping[str, Any]:
+    """The fields a formatter writes: all but ``flood_key``, which only keys :class:`FloodGuard`."""
+    fields = fields_of(record)
+    if "flood_key" not in fields:
+        return fields
+    return {name: value for name, value in fields.items() if name != "flood_key"}
+
+
 def fields_of(record: logging.LogRecord) -> Mapping[str, Any]:
     """The structured fields of a record (``extra={"fields": {...}}``)."""
     fields = getattr(record, "fields", None)
@@ -195,7 +203,7 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         head = f"{record.asctime} errand-boy[{record.process}] {record.levelname} {one_line(record.message)}"
-        fields = fields_of(record)
+        fields = shown_fields(record)
         if not fields:
             return head
         pairs = " ".join(f"{_text_key(name)}={_text_value(value)}" for name, value in fields.items())
@@ -247,7 +255,7 @@ class JsonFormatter(logging.Formatter):
             doc["traceback"] = record.exc_text
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
-        for name, value in fields_of(record).items():
+        for name, value in shown_fields(record).items():
             doc[_member_name(_safe_str(name), doc)] = value
         return _dumps(doc)
 
@@ -314,7 +322,7 @@ class FloodGuard(logging.Filter):
 
     Records of ``min_level`` and above are identical when their level,
     message template and ``flood_key`` field (or, without one, their
-    formatted message) are. The first is let through; the ones that follow
+    formatted message) are; ``flood_key`` is never written out. The first is let through; the ones that follow
     within ``window`` seconds of it are counted and dropped; when the
     window closes, one summary is emitted through ``handler``: the first
     record's message with ``(repeated N more times in the last 60 s)``, its
