@@ -97,8 +97,14 @@ def test_master_never_kills_its_own_group(sock_dir: str, slow_dir: str) -> None:
     take the test runner along."""
     slow = slow_dir
     path = os.path.join(sock_dir, "s")
-    server = IsolatedServer(path, ["--pool-size", "1", "--max-child-tasks", "1", "--containment", "group"],
-                            new_session=True)
+    # --rlimit: spawn through fork and exec, where the child changes into
+    # its cwd before setsid(); posix_spawn (the default path) changes the
+    # worker's directory instead, leaving no window wide enough to aim at.
+    server = IsolatedServer(
+        path,
+        ["--pool-size", "1", "--max-child-tasks", "1", "--containment", "group", "--rlimit", "nofile=4096"],
+        new_session=True,
+    )
     master = server.pid
     killed: set[int] = set()
     caught = 0
