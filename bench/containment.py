@@ -19,8 +19,10 @@ from .server import BenchServer
 
 
 def measure(pairs: int) -> str:
-    with BenchServer("--pool-size", "2", "--containment", "cgroup") as cgroup, \
-            BenchServer("--pool-size", "2", "--containment", "group") as group:
+    with (
+        BenchServer("--pool-size", "2", "--containment", "cgroup") as cgroup,
+        BenchServer("--pool-size", "2", "--containment", "group") as group,
+    ):
         assert cgroup.status()["containment"] == "cgroup", cgroup.log_tail()
         assert group.status()["containment"] == "group"
         for _ in range(50):  # warm-up: imports, caches, both workers, the cgroup pools

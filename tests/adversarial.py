@@ -21,16 +21,22 @@ from procs import all_pids, proc_stat, zombie_children
 class IsolatedServer(ServerProcess):
     """A server behind ``prefix`` (``unshare ...``) or in a new session."""
 
-    def __init__(self, socket_path: str, args: List[str], prefix: List[str] = (),  # type: ignore[assignment]
-                 new_session: bool = False) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        args: List[str],
+        prefix: List[str] = (),  # type: ignore[assignment]
+        new_session: bool = False,
+    ) -> None:
         import sys
 
         self.socket_path = socket_path
         self.args = [*prefix, sys.executable, "-m", "errand_boy.run", "--socket", socket_path, *args]
         self.log_path = socket_path + ".log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=new_session)
+        self.proc = subprocess.Popen(
+            self.args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=new_session
+        )
         self.wait_ready()
         # The master: unshare's child (unshare itself blocks SIGTERM).
         self.master = children_of(self.proc.pid)[0] if prefix else self.proc.pid

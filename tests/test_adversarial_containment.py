@@ -186,8 +186,12 @@ def test_cgroup_status_log_and_layout(start_server) -> None:
     path = server.socket_path
     status = run(path, extended({"op": "status"})).status
     assert status["containment"] == "cgroup"
-    text = subprocess.run([sys.executable, "-m", "errand_boy.run", "--socket", path, "--status"],
-                          capture_output=True, text=True, timeout=20)
+    text = subprocess.run(
+        [sys.executable, "-m", "errand_boy.run", "--socket", path, "--status"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert "contain   a cgroup per command" in text.stdout, text.stdout
     log = server.log()
     assert log.count("containment: cgroup") == 1, log

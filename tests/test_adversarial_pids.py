@@ -144,16 +144,18 @@ def test_master_never_kills_its_own_group(sock_dir: str, slow_dir: str) -> None:
         elapsed = time.monotonic() - started
         assert wait_for(lambda: len(_workers(master, killed)) == 1, 10.0)
         # Nothing of the killed workers' commands is left.
-        assert wait_for(lambda: set(descendants(master)) == set(_workers(master, killed)), 5.0), (
-            descendants(master)
+        assert wait_for(lambda: set(descendants(master)) == set(_workers(master, killed)), 5.0), descendants(
+            master
         )
         reply = run(path, extended({"cmd": "echo alive"}))
         assert reply.stdout == b"alive\n"
         assert wait_for(lambda: len(_workers(master, killed)) == 1, 10.0)
         wait_for(lambda: flat(before, footprint([master])), 5.0)
         after = footprint([master])
-        print(f"\n[own group] {ROUNDS} rounds in {elapsed:.1f} s, {caught} caught inside spawn; "
-              f"master before {before}, after {after}")
+        print(
+            f"\n[own group] {ROUNDS} rounds in {elapsed:.1f} s, {caught} caught inside spawn; "
+            f"master before {before}, after {after}"
+        )
         assert caught >= ROUNDS // 2, f"only {caught} of {ROUNDS} rounds caught a worker inside spawn"
         assert flat(before, after), (before, after)
     finally:

@@ -208,7 +208,13 @@ def test_status_for_a_person(server: Any) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("errand-boy ") and f" on {server.socket_path} " in lines[0], lines
     assert f"(master pid {server.pid})" in lines[0], lines
-    assert [line.split()[0] for line in lines[1:]] == ["workers", "running", "contain", "served", "latency"], lines
+    assert [line.split()[0] for line in lines[1:]] == [
+        "workers",
+        "running",
+        "contain",
+        "served",
+        "latency",
+    ], lines
 
 
 def test_status_as_json(server: Any) -> None:

@@ -1388,6 +1388,7 @@ def test_rlimit_spawn_cost(start_server):
             "--pool-size", "2", "--rlimit", "nofile=1024", "--rlimit", "nproc=4096", name="limited"
         ).socket_path
     )
+
     # The limits measured are the limits in force (and only where asked).
     def soft_limits(transport: UNIXSocketTransport) -> Tuple[str, str]:
         table = transport.run_cmd("cat /proc/self/limits")[1].decode().splitlines()

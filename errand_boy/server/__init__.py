@@ -21,9 +21,7 @@ from .worker import WorkerConfig
 __all__ = ["serve", "AlreadyRunning", "configure_logging", "default_pool_size", "parse_rlimit"]
 
 #: Resource names for --rlimit, as resource.RLIMIT_<NAME> (lower case).
-RLIMIT_NAMES = sorted(
-    name[len("RLIMIT_"):].lower() for name in dir(resource) if name.startswith("RLIMIT_")
-)
+RLIMIT_NAMES = sorted(name[len("RLIMIT_") :].lower() for name in dir(resource) if name.startswith("RLIMIT_"))
 
 
 def default_pool_size() -> int:

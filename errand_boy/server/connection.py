@@ -193,7 +193,7 @@ class Connection(Flushable):
                 '(send them only for "fd" streams and pass_fds)'
             )
         return (
-            f"the request asks for {want} descriptors (its \"fd\" streams, then pass_fds) but {got} "
+            f'the request asks for {want} descriptors (its "fd" streams, then pass_fds) but {got} '
             "arrived with the command block; send them all with it, in one sendmsg"
         )
 

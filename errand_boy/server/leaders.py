@@ -50,8 +50,9 @@ class Leaders:
         try:
             cgroup = cgroups.enter()
         except OSError as exc:
-            raise SpawnError(exc.errno, f"cannot give the command a cgroup of its own: {exc.strerror}",
-                             None) from exc
+            raise SpawnError(
+                exc.errno, f"cannot give the command a cgroup of its own: {exc.strerror}", None
+            ) from exc
         try:
             yield cgroup
         except BaseException:

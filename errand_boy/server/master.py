@@ -130,8 +130,10 @@ class Master:
                 # systemd made (and owns) the socket file: leave it alone.
                 self.listener, self.identity = activated, None
                 if config.socket_mode != 0o600 or config.socket_group is not None:
-                    log.warning("--socket-mode and --socket-group are ignored: the socket comes from "
-                                "systemd (set SocketMode= and SocketGroup= in the .socket unit)")
+                    log.warning(
+                        "--socket-mode and --socket-group are ignored: the socket comes from "
+                        "systemd (set SocketMode= and SocketGroup= in the .socket unit)"
+                    )
             else:
                 self.listener, self.identity = bind_unix_socket(config.socket_path, config.socket_mode)
             try:
@@ -167,7 +169,9 @@ class Master:
                 self.start_worker()
             log.info(
                 "errand-boy master %d serving on %s with %d workers%s",
-                os.getpid(), self.config.socket_path, self.config.pool_size,
+                os.getpid(),
+                self.config.socket_path,
+                self.config.pool_size,
                 " (socket from systemd)" if self.identity is None else "",
             )
             systemd.notify(f"READY=1\nMAINPID={os.getpid()}")
@@ -194,13 +198,18 @@ class Master:
         """Set up --containment before the first worker; say which is in force."""
         mode, self.cgroup, why = choose(self.config.containment, os.getpid())
         self.worker_config = dataclasses.replace(
-            self.config.worker, containment=mode, cgroup_base=self.cgroup.base if self.cgroup else None,
+            self.config.worker,
+            containment=mode,
+            cgroup_base=self.cgroup.base if self.cgroup else None,
         )
         if self.cgroup is not None:
             log.info("containment: cgroup (each command in a cgroup of its own under %s)", self.cgroup.base)
         else:
-            log.info("containment: process groups (%s); descendants that leave their command's "
-                     "process group and session can outlive it", why)
+            log.info(
+                "containment: process groups (%s); descendants that leave their command's "
+                "process group and session can outlive it",
+                why,
+            )
 
     def uncontain(self) -> None:
         """At exit: kill what is left in our cgroups and remove them."""
@@ -214,8 +223,9 @@ class Master:
             self.reap()  # the killed processes are re-parented to us
             cgroup.retry()
         if cgroup.pending:
-            log.warning("cannot remove the cgroups %s: processes in them did not exit",
-                        ", ".join(cgroup.pending))
+            log.warning(
+                "cannot remove the cgroups %s: processes in them did not exit", ", ".join(cgroup.pending)
+            )
 
     def wait_time(self) -> float:
         wait = 1.0
@@ -365,9 +375,12 @@ class Master:
             return
         killed = self.kill_orphans(pid)
         log.error(
-            "worker %d (pid %d) died (exit code %s); %d running commands lost, "
-            "%d orphaned commands killed",
-            slot, pid, code, lost, killed,
+            "worker %d (pid %d) died (exit code %s); %d running commands lost, %d orphaned commands killed",
+            slot,
+            pid,
+            code,
+            lost,
+            killed,
         )
         if not planned:
             self.schedule_restart()
@@ -412,7 +425,9 @@ class Master:
                 self.flapping = True
                 log.error(
                     "workers are dying repeatedly (%d deaths in %g s): restarting them with "
-                    "exponential backoff until they stay up", len(self.deaths), FLAP_WINDOW,
+                    "exponential backoff until they stay up",
+                    len(self.deaths),
+                    FLAP_WINDOW,
                 )
             self.backoff = min(BACKOFF_MAX, self.backoff * 2 or BACKOFF_FIRST)
         self.restart_at.append(now + (self.backoff if self.flapping else 0.0))

@@ -222,7 +222,10 @@ class Worker:
         self.connections.add(conn)
         if not self.allowed(sock, uid, gid):
             log.warning(
-                "refused a connection from uid %d gid %d (pid %d)", uid, gid, pid,
+                "refused a connection from uid %d gid %d (pid %d)",
+                uid,
+                gid,
+                pid,
                 extra={"fields": {"uid": uid, "gid": gid, "peer_pid": pid, "flood_key": ("forbidden", uid)}},
             )
             conn.fail("forbidden", f"user {uid} is not allowed to run commands on this server")
@@ -253,7 +256,11 @@ class Worker:
         figures = self.board.figures()
         # "protocol" is the version (ERRAND/1); "revision" says what of it we speak.
         return {
-            "pid": self.master_pid, "version": __version__, "protocol": 1, "revision": REVISION, **figures,
+            "pid": self.master_pid,
+            "version": __version__,
+            "protocol": 1,
+            "revision": REVISION,
+            **figures,
             "containment": self.config.containment,
         }
 
@@ -313,9 +320,16 @@ class Worker:
         self.release_place()
         if log.isEnabledFor(logging.INFO):
             log.info(
-                "command ended", extra={"fields": {**_command_fields(conn), "reason": reason,
-                                                   "returncode": returncode, "duration": round(duration, 6),
-                                                   "bytes_out": conn.bytes_out}},
+                "command ended",
+                extra={
+                    "fields": {
+                        **_command_fields(conn),
+                        "reason": reason,
+                        "returncode": returncode,
+                        "duration": round(duration, 6),
+                        "bytes_out": conn.bytes_out,
+                    }
+                },
             )
 
     def command_aborted(self, conn: Connection, why: str) -> None:
@@ -326,8 +340,14 @@ class Worker:
         duration = time.monotonic() - conn.started
         log.info(
             "command killed",
-            extra={"fields": {**_command_fields(conn), "reason": why, "duration": round(duration, 6),
-                              "bytes_out": conn.bytes_out}},
+            extra={
+                "fields": {
+                    **_command_fields(conn),
+                    "reason": why,
+                    "duration": round(duration, 6),
+                    "bytes_out": conn.bytes_out,
+                }
+            },
         )
 
     def command_failed(self, conn: Connection, why: str) -> None:
@@ -401,7 +421,8 @@ class Worker:
         if running:
             log.warning(
                 "graceful timeout (%g s) over: killing %d running commands",
-                self.config.graceful_timeout, len(running),
+                self.config.graceful_timeout,
+                len(running),
             )
         for conn in running:
             conn.kill()

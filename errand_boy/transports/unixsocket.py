@@ -30,6 +30,7 @@ def _client() -> ModuleType:
 
     return client
 
+
 __all__ = ["UNIXSocketTransport"]
 
 
