@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import os
 
-from .exceptions import Forbidden, ServerUnavailable, ShuttingDown
+from .exceptions import Forbidden, ServerUnavailable, ShuttingDown, UntrustedServer
 
 
 def explain(exc: BaseException, socket_path: str) -> str:
@@ -23,6 +23,8 @@ def explain(exc: BaseException, socket_path: str) -> str:
             f"the server at {socket_path} is shutting down and takes no new commands; "
             "try again once it (or its successor) is running"
         )
+    if isinstance(exc, UntrustedServer):
+        return str(exc)  # it names the owner and what to do
     if isinstance(exc, ServerUnavailable) and exc.errno in (errno.EACCES, errno.EPERM):
         uid = os.getuid()
         return (

@@ -120,7 +120,7 @@ def make_case(rng: random.Random) -> Case:
 
 def check_reply(client: RawClient) -> Optional[str]:
     """Read the whole reply; the `!` code, if any. Raises on a malformed reply."""
-    reply = client.read_reply()  # frames parse, in an order PROTOCOL.md allows
+    reply = client.read_reply()  # frames parse, in an order the protocol (docs/protocol.rst) allows
     if reply.kinds().endswith("!"):
         error = reply.error
         code = error.get("error")
