@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+import subprocess
+import sys
 import time
 from typing import Callable, List, Optional, Tuple
 
@@ -64,3 +68,36 @@ def my_server_processes() -> List[int]:
             continue
         found.append(pid)
     return found
+
+
+@functools.cache
+def python_as_nobody_problem(package_root: str) -> Optional[str]:
+    """Why this interpreter cannot run errand_boy as uid 65534 (None: it can).
+
+    Tests that exec a Python child as another user (``setpriv``) need root,
+    setpriv, and an interpreter and package that user can read: a pyenv
+    build under a private /root, say, loads its libpython from there.
+    """
+    if os.geteuid() != 0:
+        return "needs root to run a child as uid 65534"
+    if shutil.which("setpriv") is None:
+        return "setpriv is not installed"
+    probe = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            "import errand_boy",
+        ],
+        env={**os.environ, "PYTHONPATH": package_root},
+        cwd="/",
+        capture_output=True,
+        timeout=60,
+    )
+    if probe.returncode != 0:
+        last = (probe.stderr.decode(errors="replace").strip().splitlines() or ["(no message)"])[-1]
+        return f"uid 65534 cannot run {sys.executable} with errand_boy from {package_root}: {last}"
+    return None

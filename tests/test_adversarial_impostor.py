@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator, List
 
 import pytest
+from procs import python_as_nobody_problem
 
 from errand_boy import aio, client, protocol
 from errand_boy.exceptions import InvalidSetting, ServerUnavailable, UntrustedServer
@@ -30,10 +31,9 @@ from errand_boy.transports.unixsocket import UNIXSocketTransport
 NOBODY = 65534
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("setpriv") is None,
-    reason="the impostor runs as uid 65534 through setpriv, which needs root",
-)
+# The impostor is a Python child run as uid 65534 through setpriv.
+_NOBODY_PROBLEM = python_as_nobody_problem(ROOT)
+pytestmark = pytest.mark.skipif(_NOBODY_PROBLEM is not None, reason=f"the impostor: {_NOBODY_PROBLEM}")
 
 # The impostor: accept one connection at a time, record what it received
 # (a line "<count> <first bytes>" per connection, once the client closed),

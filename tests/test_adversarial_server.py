@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
-from procs import fd_count, wait_for, zombie_children
+from procs import fd_count, python_as_nobody_problem, wait_for, zombie_children
 from rawclient import RawClient, simple
 
 import errand_boy
@@ -38,6 +38,9 @@ PACKAGE_ROOT = str(Path(errand_boy.__file__).resolve().parent.parent)
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="acting as another user (uid 65534, through setpriv) needs root"
 )
+#: For the tests whose other user is a Python child (``Nobody``).
+_NOBODY_PROBLEM = python_as_nobody_problem(PACKAGE_ROOT)
+needs_python_as_nobody = pytest.mark.skipif(_NOBODY_PROBLEM is not None, reason=f"{_NOBODY_PROBLEM}")
 
 
 # ----------------------------------------------------------------------
@@ -204,7 +207,7 @@ def test_non_socket_file_names_its_owner(sock_dir: str) -> None:
     assert Path(path).read_text() == "precious"
 
 
-@needs_root
+@needs_python_as_nobody
 def test_another_users_live_socket_is_refused_naming_the_owner(shared_dir: str) -> None:
     path = os.path.join(shared_dir, "s")
     impostor = Nobody(LISTEN, path)
@@ -218,7 +221,7 @@ def test_another_users_live_socket_is_refused_naming_the_owner(shared_dir: str) 
         impostor.stop()
 
 
-@needs_root
+@needs_python_as_nobody
 def test_another_users_stale_socket_is_not_replaced(shared_dir: str) -> None:
     path = os.path.join(shared_dir, "s")
     Nobody(LISTEN, path).stop()  # its socket file stays, with nobody listening
@@ -267,7 +270,7 @@ def test_pidfile_of_another_user_is_refused_not_taken_over(sock_dir: str) -> Non
     assert Path(path).read_text() == "1\n" and os.lstat(path).st_uid == NOBODY
 
 
-@needs_root
+@needs_python_as_nobody
 def test_pidfile_held_locked_by_another_user_names_the_owner(shared_dir: str) -> None:
     path = os.path.join(shared_dir, "pid")
     Path(path).write_text("1\n")
@@ -281,7 +284,7 @@ def test_pidfile_held_locked_by_another_user_names_the_owner(shared_dir: str) ->
         holder.stop()
 
 
-@needs_root
+@needs_python_as_nobody
 def test_our_pidfile_read_locked_by_another_user_names_the_holder(shared_dir: str) -> None:
     path = os.path.join(shared_dir, "pid")
     Path(path).write_text("1\n")
