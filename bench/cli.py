@@ -22,7 +22,7 @@ from .harness import FIGURES, Run
 from .report import header, machine, notes, table, write_json
 from .server import REPO_ROOT
 
-ORDER = ["roundtrip", "concurrent16", "throughput", "concurrent1000", "memory", "bigclient"]
+ORDER = ["roundtrip", "concurrent16", "throughput", "capture", "concurrent1000", "memory", "bigclient"]
 DEFAULT_JSON = REPO_ROOT / "bench" / "results" / "latest.json"
 
 

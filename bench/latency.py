@@ -10,6 +10,8 @@ import subprocess
 import time
 from typing import Callable, List
 
+from errand_boy.transports.unixsocket import UNIXSocketTransport
+
 from .harness import (
     Measure,
     Run,
@@ -36,22 +38,30 @@ def local_run(cmd: str) -> subprocess.CompletedProcess[bytes]:
 def roundtrip(run: Run) -> List[Measure]:
     """Median wall time of one ``true``: ``run_cmd`` against ``subprocess.run``."""
     pairs = run.repeat(500, 50)
+    measures = []
     with run.server() as server:
-        transport = server.transport
-        for _ in range(run.count(50, 10)):  # warm-up: imports, caches, both workers
-            transport.run_cmd("true")
-            local_run("true")
-        errand, local = interleave(
-            lambda: timed(lambda: transport.run_cmd("true")), lambda: timed(lambda: local_run("true")), pairs
-        )
-    ms = [t * 1e3 for t in errand]
-    base = [t * 1e3 for t in local]
-    return [
-        Measure(
-            "median wall time of one `true`", "ms", median(ms), median(base), ratio_at_most(1.15),
-            ms, base, note=f"{pairs} interleaved pairs",
-        )
-    ]  # fmt: skip
+        # Descriptors (the default), then frames (relayed through the socket).
+        for label, transport in (
+            ("descriptors", server.transport),
+            ("frames", UNIXSocketTransport(server.socket_path, frames=True)),
+        ):
+            for _ in range(run.count(50, 10)):  # warm-up: imports, caches, both workers
+                transport.run_cmd("true")
+                local_run("true")
+            errand, local = interleave(
+                lambda t=transport: timed(lambda: t.run_cmd("true")),
+                lambda: timed(lambda: local_run("true")),
+                pairs,
+            )
+            ms = [t * 1e3 for t in errand]
+            base = [t * 1e3 for t in local]
+            measures.append(
+                Measure(
+                    f"median wall time of one `true` ({label})", "ms", median(ms), median(base),
+                    ratio_at_most(1.15), ms, base, note=f"{pairs} interleaved pairs",
+                )
+            )  # fmt: skip
+    return measures
 
 
 def _rate(call: Callable[[], object], threads: int, seconds: float) -> float:

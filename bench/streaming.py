@@ -76,6 +76,46 @@ def throughput(run: Run) -> List[Measure]:
     ]  # fmt: skip
 
 
+def capture_errand(server: BenchServer, nbytes: int) -> float:
+    """MB/s of ``nbytes`` of output captured whole by ``run_cmd``."""
+    start = time.perf_counter()
+    process, out, _ = server.transport.run_cmd(f"head -c {nbytes} /dev/zero", timeout=STREAM_CAP)
+    seconds = time.perf_counter() - start
+    if len(out) != nbytes:
+        raise AssertionError(f"run_cmd captured {len(out)} of {nbytes} bytes ({process.returncode})")
+    return nbytes / seconds / 1e6
+
+
+def capture_local(nbytes: int) -> float:
+    """MB/s of ``nbytes`` captured whole by a local ``subprocess.run``."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        ["/bin/sh", "-c", f"head -c {nbytes} /dev/zero"], capture_output=True, timeout=STREAM_CAP
+    )
+    seconds = time.perf_counter() - start
+    if len(done.stdout) != nbytes:
+        raise AssertionError(f"subprocess.run captured {len(done.stdout)} of {nbytes} bytes")
+    return nbytes / seconds / 1e6
+
+
+@figure("capture")
+def capture(run: Run) -> List[Measure]:
+    """MB/s of 1 GB of stdout captured whole: ``run_cmd`` against ``subprocess.run``."""
+    nbytes = run.count(GB, 100_000_000)
+    repeats = run.repeat(3)
+    with run.server() as server:
+        capture_errand(server, nbytes // 10)  # warm-up
+        errand, local = interleave(
+            lambda: capture_errand(server, nbytes), lambda: capture_local(nbytes), repeats
+        )
+    return [
+        Measure(
+            f"MB/s capturing {nbytes / 1e6:g} MB with run_cmd", "MB/s", median(errand), median(local),
+            ratio_at_least(0.9), errand, local, note=f"{repeats} interleaved repeats",
+        )
+    ]  # fmt: skip
+
+
 # --------------------------------------------------------------------------
 # memory
 

@@ -46,7 +46,7 @@ def test_quick_bench_writes_json(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--only", "roundtrip,throughput", "--json", str(out)],
+        [sys.executable, "-m", "bench", "--quick", "--only", "roundtrip,throughput,capture", "--json", str(out)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=90,
     )  # fmt: skip
     output = proc.stdout + proc.stderr
@@ -55,7 +55,7 @@ def test_quick_bench_writes_json(tmp_path: Path) -> None:
 
     document = json.loads(out.read_text())
     assert {"nproc", "kernel", "python"} <= set(document["machine"])
-    assert set(document["figures"]) == {"roundtrip", "throughput"}
+    assert set(document["figures"]) == {"roundtrip", "throughput", "capture"}
     for name, result in document["figures"].items():
         assert result["error"] is None, (name, result["error"])
         assert result["measures"], name
