@@ -5,6 +5,7 @@ Every figure starts a private server, measures errand-boy and its local
 baseline interleaved, and the run prints a table of medians and ratios
 against the targets and writes it as JSON (``bench/results/latest.json``).
 
-Figures: ``roundtrip`` (descriptors and frames), ``concurrent16``, ``throughput``, ``capture``, ``concurrent1000``,
-``memory``, ``bigclient``; see each function's docstring.
+Figures: ``roundtrip`` (descriptors and frames), ``concurrent16``,
+``throughput``, ``capture``, ``concurrent1000``, ``memory``, ``bigclient``;
+see each function's docstring.
 """

@@ -29,6 +29,8 @@ from rawclient import RawClient, extended, run
 
 from errand_boy.server.containment import PREFIX
 
+pytestmark = pytest.mark.slow  # the adversarial suite: real attacks, seconds each
+
 needs_cgroups = pytest.mark.skipif(
     os.geteuid() != 0 or cgroup_dir() is None,
     reason="needs root and cgroup v2 with cgroup.kill (cgroup containment)",

@@ -28,6 +28,8 @@ from rawclient import ProtocolViolation, RawClient, extended, frame, simple
 
 import errand_boy
 
+pytestmark = pytest.mark.slow  # the adversarial suite: real attacks, seconds each
+
 REQUESTS = 10_000
 THREADS = 12
 MAX_REQUEST_BYTES = 65536

@@ -33,7 +33,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The impostor is a Python child run as uid 65534 through setpriv.
 _NOBODY_PROBLEM = python_as_nobody_problem(ROOT)
-pytestmark = pytest.mark.skipif(_NOBODY_PROBLEM is not None, reason=f"the impostor: {_NOBODY_PROBLEM}")
+pytestmark = [
+    pytest.mark.slow,  # the adversarial suite: real attacks, seconds each
+    pytest.mark.skipif(_NOBODY_PROBLEM is not None, reason=f"the impostor: {_NOBODY_PROBLEM}"),
+]
 
 # The impostor: accept one connection at a time, record what it received
 # (a line "<count> <first bytes>" per connection, once the client closed),

@@ -28,6 +28,8 @@ from adversarial import IsolatedServer, cgroup_dir, children_of, descendants, fl
 from procs import wait_for
 from rawclient import RawClient, extended, frame, run
 
+pytestmark = pytest.mark.slow  # the adversarial suite: real attacks, seconds each
+
 ROUNDS = 200
 
 

@@ -35,6 +35,8 @@ from errand_boy.server.pidfile import PidFile
 NOBODY = 65534
 PACKAGE_ROOT = str(Path(errand_boy.__file__).resolve().parent.parent)
 
+pytestmark = pytest.mark.slow  # the adversarial suite: real attacks, seconds each
+
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="acting as another user (uid 65534, through setpriv) needs root"
 )

@@ -46,7 +46,8 @@ def test_quick_bench_writes_json(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--only", "roundtrip,throughput,capture", "--json", str(out)],
+        [sys.executable, "-m", "bench", "--quick", "--only", "roundtrip,throughput,capture",
+         "--json", str(out)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=90,
     )  # fmt: skip
     output = proc.stdout + proc.stderr
