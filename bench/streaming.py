@@ -8,6 +8,7 @@ so a figure ends in bounded time even on a very slow server.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -182,13 +183,24 @@ def _settled(measure: Callable[[], float], timeout: float = 5.0) -> float:
     return last
 
 
+def _all_workers(server: BenchServer, timeout: float = 10.0) -> List[int]:
+    """The master and its workers, once every worker of the default pool has registered."""
+    expected = 1 + len(os.sched_getaffinity(0))  # the default --pool-size: the CPUs we may use
+    deadline = time.monotonic() + timeout
+    pids = server.pids()
+    while len(pids) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pids = server.pids()
+    return pids
+
+
 @figure("memory")
 def memory(run: Run) -> List[Measure]:
     """PSS of the master and its workers at rest, and its peak growth while streaming."""
     nbytes = run.count(GB, 100_000_000)
     repeats = run.repeat(3)
     with run.server() as server:
-        pids = server.pids()
+        pids = _all_workers(server)
         fresh = _settled(lambda: total_pss_mib(pids))
         for _ in range(20):  # warm-up: every worker has run a command and streamed
             server.transport.run_cmd("true")
