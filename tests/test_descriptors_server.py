@@ -548,6 +548,35 @@ def test_signals_are_not_ignored_in_the_command(any_server: Any) -> None:
     assert int(fields[b"SigIgn"], 16) & ~glibc_internal == 0, fields
 
 
+@pytest.mark.parametrize("path", ["posix_spawn", "rlimit"])
+def test_signals_the_server_inherited_ignored_are_default_in_the_command(sock_dir: str, path: str) -> None:
+    # A server started from a shell's background job (SIGINT, SIGQUIT
+    # ignored) or by nohup (SIGHUP): its commands still start with every
+    # signal at its default, as a daemon's should.
+    inherited = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTSTP, signal.SIGALRM)
+
+    def ignore() -> None:
+        for signum in inherited:
+            signal.signal(signum, signal.SIG_IGN)
+
+    socket_path = os.path.join(sock_dir, "ign")
+    extra = ["--rlimit", "core=0"] if path == "rlimit" else []
+    proc = subprocess.Popen(
+        [PY, "-m", "errand_boy.run", "--socket", socket_path, "--pool-size", "1", *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=ignore,
+    )
+    try:
+        assert wait_for(lambda: os.path.exists(socket_path) and _answers(socket_path), 15.0)
+        reply = send(socket_path, {"argv": ["grep", "-E", "^SigIgn", "/proc/self/status"]})
+        ignored = int(reply.stdout.split(b":\t")[1], 16) & ~((1 << 31) | (1 << 32))  # (glibc's own)
+        assert ignored == 0, [signal.Signals(n + 1).name for n in range(31) if ignored >> n & 1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
 # --------------------------------------------------------------------------
 # Spawn errors: the errno, strerror and filename subprocess would give
 
