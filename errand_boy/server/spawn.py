@@ -40,9 +40,8 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 #: a server started from a shell's background job or by nohup inherits
 #: SIGINT, SIGQUIT or SIGHUP ignored: a daemon's commands start clean, as
 #: under systemd. (It costs nothing measurable in posix_spawn's child.)
-SIGNALS_RESET = tuple(
-    signal.Signals(number) for number in range(1, 32) if number not in (signal.SIGKILL, signal.SIGSTOP)
-)
+#: (Plain numbers: Python 3.9's signal.Signals lacks some, SIGSTKFLT.)
+SIGNALS_RESET = tuple(number for number in range(1, 32) if number not in (signal.SIGKILL, signal.SIGSTOP))
 _NOT_FOUND = (errno.ENOENT, errno.ENOTDIR)
 _DUP2 = os.POSIX_SPAWN_DUP2
 
