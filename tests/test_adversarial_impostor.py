@@ -108,12 +108,14 @@ class Impostor:
 @pytest.fixture
 def impostor() -> Iterator[Impostor]:
     directory = tempfile.mkdtemp(prefix="eb-imp-")
-    os.chown(directory, NOBODY, NOBODY)
-    fake = Impostor(directory)
     try:
-        yield fake
+        os.chown(directory, NOBODY, NOBODY)
+        fake = Impostor(directory)  # (a failed start leaves no directory behind either)
+        try:
+            yield fake
+        finally:
+            fake.stop()
     finally:
-        fake.stop()
         shutil.rmtree(directory)
 
 
