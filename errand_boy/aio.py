@@ -103,7 +103,6 @@ from subprocess import DEVNULL, PIPE, STDOUT, CalledProcessError, CompletedProce
 from typing import (
     Any,
     Dict,
-    FrozenSet,
     Iterable,
     Mapping,
     Optional,
@@ -120,7 +119,7 @@ from ._aio_start import _create
 from ._aio_start import status as status
 from ._aio_streams import DEFAULT_LIMIT as DEFAULT_LIMIT
 from ._aio_streams import StdinWriter as StdinWriter
-from .defaults import resolve_socket_path
+from .transports._options import TransportOptions
 
 __all__ = [
     "PIPE",
@@ -333,7 +332,7 @@ async def run(
 # The transport
 
 
-class AsyncUNIXSocketTransport:
+class AsyncUNIXSocketTransport(TransportOptions):
     """The asyncio twin of :class:`~errand_boy.transports.unixsocket.UNIXSocketTransport`.
 
     ``socket_path`` defaults to ``$ERRAND_BOY_SOCKET``, else
@@ -341,32 +340,6 @@ class AsyncUNIXSocketTransport:
     serves any number of concurrent tasks. ``trusted_uids`` as for the sync
     transport: the users, besides root and our own, whose server we talk to.
     """
-
-    def __init__(
-        self,
-        socket_path: Optional[str] = None,
-        *,
-        trusted_uids: Optional[Iterable[int]] = None,
-        server_env: bool = False,
-        frames: bool = False,
-    ) -> None:
-        self.socket_path = resolve_socket_path(socket_path)
-        self.server_env = server_env
-        self.frames = frames
-        self.trusted_uids: Optional[FrozenSet[int]] = None
-        if trusted_uids is not None:
-            self.trusted_uids = client.trusted_uids_from(trusted_uids)
-
-    def _options(self, options: Dict[str, Any]) -> Dict[str, Any]:
-        options.setdefault("trusted_uids", self.trusted_uids)
-        if self.server_env:
-            options.setdefault("server_env", True)
-        if self.frames:
-            options.setdefault("frames", True)
-        return options
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(socket_path={self.socket_path!r})"
 
     async def run_cmd(self, cmd: Any, input: _Input = None, **options: Any) -> Tuple[Process, Any, Any]:
         """Run ``cmd``; return ``(process, stdout, stderr)``. See :func:`errand_boy.aio.run_cmd`."""

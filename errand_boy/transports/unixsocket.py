@@ -15,9 +15,9 @@ from __future__ import annotations
 import importlib
 from subprocess import CompletedProcess
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Iterable, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
-from ..defaults import resolve_socket_path
+from ._options import TransportOptions
 
 if TYPE_CHECKING:
     from .. import client
@@ -34,7 +34,7 @@ def _client() -> ModuleType:
 __all__ = ["UNIXSocketTransport"]
 
 
-class UNIXSocketTransport:
+class UNIXSocketTransport(TransportOptions):
     """Runs commands through the errand-boy server listening on ``socket_path``.
 
     ``socket_path`` defaults to ``$ERRAND_BOY_SOCKET``, else ``/tmp/errand-boy``.
@@ -53,32 +53,6 @@ class UNIXSocketTransport:
     descriptors (protocol revision 2) unless ``frames=True`` (all data in
     frames over the socket: for a socket forwarded from another host).
     """
-
-    def __init__(
-        self,
-        socket_path: Optional[str] = None,
-        *,
-        trusted_uids: Optional[Iterable[int]] = None,
-        server_env: bool = False,
-        frames: bool = False,
-    ) -> None:
-        self.socket_path = resolve_socket_path(socket_path)
-        self.server_env = server_env
-        self.frames = frames
-        self.trusted_uids: Optional[FrozenSet[int]] = None
-        if trusted_uids is not None:
-            self.trusted_uids = _client().trusted_uids_from(trusted_uids)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(socket_path={self.socket_path!r})"
-
-    def _options(self, options: Dict[str, Any]) -> Dict[str, Any]:
-        options.setdefault("trusted_uids", self.trusted_uids)
-        if self.server_env:
-            options.setdefault("server_env", True)
-        if self.frames:
-            options.setdefault("frames", True)
-        return options
 
     def Popen(self, args: Any, **options: Any) -> client.Popen:
         """A :class:`errand_boy.client.Popen` for ``args``, run by this server."""
