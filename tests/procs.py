@@ -70,6 +70,18 @@ def my_server_processes() -> List[int]:
     return found
 
 
+def settle(pids: List[int]) -> None:
+    """Wait until the last command is reaped and cleaned up after (its X
+    frame leaves before that)."""
+    counts: List[int] = []
+
+    def still() -> bool:
+        counts.append(sum(fd_count(pid) for pid in pids))
+        return not zombie_children(pids) and len(counts) > 2 and counts[-1] == counts[-2] == counts[-3]
+
+    assert wait_for(still, 10, 0.1)
+
+
 @functools.cache
 def python_as_nobody_problem(package_root: str) -> Optional[str]:
     """Why this interpreter cannot run errand_boy as uid 65534 (None: it can).

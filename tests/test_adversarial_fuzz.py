@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
-from procs import fd_count, wait_for, zombie_children
+from procs import fd_count, settle, wait_for, zombie_children
 from rawclient import ProtocolViolation, RawClient, extended, frame, simple
 
 import errand_boy
@@ -172,18 +172,6 @@ def server_snapshot(label: str, pids: List[int]) -> Dict[str, int]:
     }
     print(f"\n[{label}] processes {len(pids)}: {figures}")
     return figures
-
-
-def settle(pids: List[int]) -> None:
-    """Wait until the last command is reaped and cleaned up after (its X
-    frame leaves before that)."""
-    counts: List[int] = []
-
-    def still() -> bool:
-        counts.append(sum(fd_count(pid) for pid in pids))
-        return not zombie_children(pids) and len(counts) > 2 and counts[-1] == counts[-2] == counts[-3]
-
-    assert wait_for(still, 10, 0.1)
 
 
 def sanity(path: str) -> None:

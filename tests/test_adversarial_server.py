@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
-from procs import fd_count, python_as_nobody_problem, wait_for, zombie_children
+from procs import fd_count, python_as_nobody_problem, settle, wait_for, zombie_children
 from rawclient import RawClient, simple
 
 import errand_boy
@@ -143,18 +143,6 @@ def server_pids(server) -> List[int]:
     master = server.pid
     kids = Path(f"/proc/{master}/task/{master}/children").read_text().split()
     return [master, *map(int, kids)]
-
-
-def settle(pids: List[int]) -> None:
-    """Wait until the last command is reaped and cleaned up after (its X
-    frame leaves before that)."""
-    counts: List[int] = []
-
-    def still() -> bool:
-        counts.append(sum(fd_count(pid) for pid in pids))
-        return not zombie_children(pids) and len(counts) > 2 and counts[-1] == counts[-2] == counts[-3]
-
-    assert wait_for(still, 10, 0.1)
 
 
 def snapshot(label: str, pids: List[int]) -> Dict[str, int]:
