@@ -41,6 +41,7 @@ from setproctitle import setproctitle
 from .._ids import group_id
 from . import scoreboard as sb
 from . import systemd
+from ._libc import trim_heap
 from .containment import ServerCgroup, choose
 from .handles import children
 from .listener import bind_unix_socket, remove_socket_file
@@ -165,6 +166,7 @@ class Master:
             # now out of its reach, so the workers' pages stay shared.
             gc.collect()
             gc.freeze()
+            trim_heap()  # what the imports freed: not copied into every worker
             for _ in range(self.config.pool_size):
                 self.start_worker()
             log.info(

@@ -11,8 +11,6 @@ finished); adopted orphans are reaped on ``SIGCHLD`` (see leaders.py).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -31,6 +29,7 @@ from setproctitle import setproctitle
 from .. import __version__
 from ..protocol import REVISION
 from . import scoreboard as sb
+from ._libc import prctl as _prctl
 from .accept_guard import AcceptGuard
 from .budget import RequestBudget
 from .connection import Connection
@@ -76,14 +75,6 @@ class WorkerConfig:
     allow_gids: FrozenSet[int] = frozenset()
     containment: str = "group"  # in force: "cgroup" or "group"
     cgroup_base: Optional[str] = None  # this server's cgroup subtree
-
-
-def _prctl(option: int, value: int) -> bool:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return bool(libc.prctl(option, value, 0, 0, 0) == 0)
-    except (OSError, AttributeError):
-        return False
 
 
 def become_subreaper() -> bool:
