@@ -31,7 +31,6 @@ import json
 import math
 import re
 import signal
-from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .exceptions import LocalProtocolError, RemoteProtocolError
@@ -128,8 +127,32 @@ NEED_DATA: Any = _NeedData()
 # Events the server's parser produces (what a client sent)
 
 
-@dataclass(frozen=True)
-class Request:
+class _Event:
+    """Value semantics for the events below, from their ``__slots__``:
+    equality (same class, same values), a hash, and a repr that names each
+    value. (Plain classes: ``dataclasses`` would load ``inspect`` and
+    ``ast`` into every server process.)"""
+
+    __slots__: Tuple[str, ...] = ()
+
+    def _values(self) -> Tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, _Event)
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({shown})"
+
+
+class Request(_Event):
     """A complete command block, in either form.
 
     Strings arrive as bytes, with ``\\udcXX`` escapes turned back into the
@@ -138,17 +161,46 @@ class Request:
     descriptors sent with the request.
     """
 
-    op: str = "run"
-    cmd: Optional[bytes] = None
-    argv: Optional[Tuple[bytes, ...]] = None
-    cwd: Optional[bytes] = None
-    env: Optional[Dict[bytes, bytes]] = None
-    timeout: Optional[float] = None
-    stdin: str = "pipe"
-    stdout: str = "pipe"
-    stderr: str = "pipe"
-    simple: bool = False
-    pass_fds: Tuple[int, ...] = ()
+    # (In the constructor's order, as the repr shows them.)
+    __slots__ = (  # noqa: RUF023
+        "op",
+        "cmd",
+        "argv",
+        "cwd",
+        "env",
+        "timeout",
+        "stdin",
+        "stdout",
+        "stderr",
+        "simple",
+        "pass_fds",
+    )
+
+    def __init__(
+        self,
+        op: str = "run",
+        cmd: Optional[bytes] = None,
+        argv: Optional[Tuple[bytes, ...]] = None,
+        cwd: Optional[bytes] = None,
+        env: Optional[Dict[bytes, bytes]] = None,
+        timeout: Optional[float] = None,
+        stdin: str = "pipe",
+        stdout: str = "pipe",
+        stderr: str = "pipe",
+        simple: bool = False,
+        pass_fds: Tuple[int, ...] = (),
+    ) -> None:
+        self.op = op
+        self.cmd = cmd
+        self.argv = argv
+        self.cwd = cwd
+        self.env = env
+        self.timeout = timeout
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.simple = simple
+        self.pass_fds = pass_fds
 
     @property
     def fd_targets(self) -> Tuple[int, ...]:
@@ -175,72 +227,88 @@ class Request:
         return list(self.argv)
 
 
-@dataclass(frozen=True)
-class Input:
+class Input(_Event):
     """Bytes for the command's standard input (one piece of a frame)."""
 
-    data: bytes
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
-@dataclass(frozen=True)
-class EndOfInput:
+class EndOfInput(_Event):
     """The client closed the command's standard input."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
-class EndOfStream:
+
+class EndOfStream(_Event):
     """The client half-closed its side; nothing more will arrive."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
-class SignalRequest:
+
+class SignalRequest(_Event):
     """A ``K`` frame: send ``signum`` to the command's process group."""
 
-    signum: int
+    __slots__ = ("signum",)
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
 
 
 # --------------------------------------------------------------------------
 # Events the client's parser produces (what the server sent)
 
 
-@dataclass(frozen=True)
-class Started:
+class Started(_Event):
     """The ``P`` frame: the command runs as process ``pid``."""
 
-    pid: int
+    __slots__ = ("pid",)
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
 
 
-@dataclass(frozen=True)
-class Output:
+class Output(_Event):
     """A piece of an ``O`` (``fd`` 1) or ``E`` (``fd`` 2) frame."""
 
-    fd: int
-    data: bytes
+    __slots__ = ("fd", "data")  # noqa: RUF023  (the constructor's order)
+
+    def __init__(self, fd: int, data: bytes) -> None:
+        self.fd = fd
+        self.data = data
 
 
-@dataclass(frozen=True)
-class Exited:
+class Exited(_Event):
     """The ``X`` frame: the command ended and all its output was sent."""
 
-    returncode: int
-    reason: str
-    info: Dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("returncode", "reason", "info")  # noqa: RUF023  (the constructor's order)
+
+    def __init__(self, returncode: int, reason: str, info: Optional[Dict[str, Any]] = None) -> None:
+        self.returncode = returncode
+        self.reason = reason
+        self.info: Dict[str, Any] = {} if info is None else info
 
 
-@dataclass(frozen=True)
-class Failed:
+class Failed(_Event):
     """The ``!`` frame: the request failed with ``error``."""
 
-    error: str
-    message: str
-    info: Dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("error", "message", "info")  # noqa: RUF023  (the constructor's order)
+
+    def __init__(self, error: str, message: str, info: Optional[Dict[str, Any]] = None) -> None:
+        self.error = error
+        self.message = message
+        self.info: Dict[str, Any] = {} if info is None else info
 
 
-@dataclass(frozen=True)
-class StatusReply:
+class StatusReply(_Event):
     """The ``S`` frame: the server's figures."""
 
-    info: Dict[str, Any]
+    __slots__ = ("info",)
+
+    def __init__(self, info: Dict[str, Any]) -> None:
+        self.info = info
 
 
 ServerEvent = Union[Request, Input, EndOfInput, EndOfStream, SignalRequest]

@@ -14,7 +14,9 @@ about a megabyte.
 from __future__ import annotations
 
 import ctypes
+from typing import Optional
 
+_LIBC: Optional[ctypes.CDLL]
 try:
     _LIBC = ctypes.CDLL(None, use_errno=True)
 except OSError:  # pragma: no cover (a Python without dlopen)
@@ -24,7 +26,7 @@ except OSError:  # pragma: no cover (a Python without dlopen)
 def prctl(option: int, value: int) -> bool:
     """``prctl(option, value, 0, 0, 0)``; False if it failed or is not there."""
     try:
-        return _LIBC is not None and bool(_LIBC.prctl(option, value, 0, 0, 0) == 0)
+        return bool(_LIBC is not None and _LIBC.prctl(option, value, 0, 0, 0) == 0)
     except AttributeError:  # not Linux's C library
         return False
 

@@ -23,7 +23,6 @@ SIGUSR2 the same but leave the backlog to your successors (reload).
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import multiprocessing
@@ -33,7 +32,6 @@ import select
 import signal
 import struct
 import time
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from setproctitle import setproctitle
@@ -63,15 +61,40 @@ STOP_BACKSTOP = 10.0
 _STOP_SIGNALS = frozenset((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 
 
-@dataclass(frozen=True)
 class ServerConfig:
-    socket_path: str
-    pool_size: int
-    worker: WorkerConfig
-    socket_mode: int = 0o600
-    socket_group: Optional[str] = None
-    pidfile: Optional[str] = None
-    containment: str = "auto"
+    """What the master is told (a plain class: no ``dataclasses`` in the server)."""
+
+    __slots__ = (  # noqa: RUF023  (the constructor's order)
+        "socket_path",
+        "pool_size",
+        "worker",
+        "socket_mode",
+        "socket_group",
+        "pidfile",
+        "containment",
+    )
+
+    def __init__(
+        self,
+        socket_path: str,
+        pool_size: int,
+        worker: WorkerConfig,
+        socket_mode: int = 0o600,
+        socket_group: Optional[str] = None,
+        pidfile: Optional[str] = None,
+        containment: str = "auto",
+    ) -> None:
+        self.socket_path = socket_path
+        self.pool_size = pool_size
+        self.worker = worker
+        self.socket_mode = socket_mode
+        self.socket_group = socket_group
+        self.pidfile = pidfile
+        self.containment = containment
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"ServerConfig({shown})"
 
 
 def raise_nofile_limit() -> None:
@@ -199,8 +222,7 @@ class Master:
     def contain(self) -> None:
         """Set up --containment before the first worker; say which is in force."""
         mode, self.cgroup, why = choose(self.config.containment, os.getpid())
-        self.worker_config = dataclasses.replace(
-            self.config.worker,
+        self.worker_config = self.config.worker.replace(
             containment=mode,
             cgroup_base=self.cgroup.base if self.cgroup else None,
         )

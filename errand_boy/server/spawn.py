@@ -21,7 +21,6 @@ import os
 import resource
 import signal
 import subprocess
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..protocol import Request
@@ -46,14 +45,19 @@ _NOT_FOUND = (errno.ENOENT, errno.ENOTDIR)
 _DUP2 = os.POSIX_SPAWN_DUP2
 
 
-@dataclass
 class Child:
     """A started command and the worker's ends of its pipes (non-blocking)."""
 
-    pid: int
-    stdin: Optional[int]
-    stdout: Optional[int]
-    stderr: Optional[int]
+    __slots__ = ("pid", "stdin", "stdout", "stderr")  # noqa: RUF023  (the constructor's order)
+
+    def __init__(self, pid: int, stdin: Optional[int], stdout: Optional[int], stderr: Optional[int]) -> None:
+        self.pid = pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def __repr__(self) -> str:
+        return f"Child(pid={self.pid}, stdin={self.stdin}, stdout={self.stdout}, stderr={self.stderr})"
 
 
 class SpawnError(Exception):
@@ -107,13 +111,15 @@ def prepare() -> None:
     _prepared_pid = os.getpid()
 
 
-@dataclass
 class _Plan:
     """Which descriptor the command gets at 0, 1, 2 and each pass_fds number."""
 
-    moves: Moves
-    child: Child  # (pid 0 until started)
-    give: List[int]  # the command's pipe ends: closed here once it started
+    __slots__ = ("moves", "child", "give")  # noqa: RUF023  (the constructor's order)
+
+    def __init__(self, moves: Moves, child: Child, give: List[int]) -> None:
+        self.moves = moves
+        self.child = child  # (pid 0 until started)
+        self.give = give  # the command's pipe ends: closed here once it started
 
     def keep(self) -> List[int]:
         return [fd for fd in (self.child.stdin, self.child.stdout, self.child.stderr) if fd is not None]
