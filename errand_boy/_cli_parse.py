@@ -18,7 +18,10 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import List, Optional, Sequence, Tuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import List, Optional, Sequence, Tuple
 
 #: The titles of the argument groups: they decide which mode an option belongs to.
 CLIENT_OPTIONS = "client options"
@@ -29,8 +32,9 @@ _STATUS_TOO = {"trust_uid"}
 #: Words that commands commonly take themselves: never mistaken for ours after the command.
 _COMMON_WORDS = {"-h", "--help", "--version"}
 
-Given = List[Tuple[str, argparse.Action]]
-Split = Tuple[List[str], List[str], bool, Given]
+if TYPE_CHECKING:
+    Given = List[Tuple[str, argparse.Action]]
+    Split = Tuple[List[str], List[str], bool, Given]
 
 
 def _action(parser: argparse.ArgumentParser, word: str) -> Tuple[Optional[argparse.Action], bool]:

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
-from typing import Any, Dict, Optional, Type
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, Optional, Type
 
 __all__ = [
     "ErrandBoyError",

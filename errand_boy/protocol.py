@@ -31,9 +31,13 @@ import json
 import math
 import re
 import signal
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 from .exceptions import LocalProtocolError, RemoteProtocolError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
 
 __all__ = [
     "MAGIC",
@@ -311,8 +315,9 @@ class StatusReply(_Event):
         self.info = info
 
 
-ServerEvent = Union[Request, Input, EndOfInput, EndOfStream, SignalRequest]
-ClientEvent = Union[Started, Output, Exited, Failed, StatusReply]
+if TYPE_CHECKING:
+    ServerEvent = Union[Request, Input, EndOfInput, EndOfStream, SignalRequest]
+    ClientEvent = Union[Started, Output, Exited, Failed, StatusReply]
 
 
 # --------------------------------------------------------------------------

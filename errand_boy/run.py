@@ -18,13 +18,16 @@ import importlib
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
 
 from . import __version__
 from ._cli_parse import CLIENT_OPTIONS, SERVER_OPTIONS, STATUS_OPTIONS, parse_command_line
 from ._ids import group_id, user_id
 from .defaults import DEFAULT_SOCKET_PATH, SOCKET_ENV
 from .protocol import DEFAULT_MAX_REQUEST_BYTES
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional
 
 DEFAULT_TRANSPORT = "errand_boy.transports.unixsocket.UNIXSocketTransport"
 #: The exit status when errand-boy itself failed (as ``docker run`` and ``env`` use it).

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import resource
-from typing import Iterable, Optional, Tuple
 
 from ..defaults import resolve_socket_path
 from ..protocol import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_REQUEST_BYTES
@@ -17,6 +16,10 @@ from .listener import AlreadyRunning
 from .logs import configure_logging
 from .master import ServerConfig, run_master
 from .worker import WorkerConfig
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterable, Optional, Tuple
 
 __all__ = ["serve", "AlreadyRunning", "configure_logging", "default_pool_size", "parse_rlimit"]
 

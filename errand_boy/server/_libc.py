@@ -14,7 +14,10 @@ about a megabyte.
 from __future__ import annotations
 
 import ctypes
-from typing import Optional
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional
 
 _LIBC: Optional[ctypes.CDLL]
 try:

@@ -23,13 +23,15 @@ import os
 import select
 import socket
 import struct
-from typing import TYPE_CHECKING, Optional
 
 from .. import protocol
 from . import scoreboard as sb
 from .loop import IN, Timer
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Optional
+
     from .worker import Worker
 
 log = logging.getLogger("errand_boy.server")

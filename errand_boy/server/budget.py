@@ -16,9 +16,10 @@ request timeout, and is answered `busy`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict
-
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Dict
+
     from .connection import Connection
 
 #: The read size for a connection while the worker is over its budget.

@@ -37,7 +37,6 @@ import signal
 import socket
 import termios
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from .. import protocol
 from ..exceptions import RemoteProtocolError
@@ -45,7 +44,10 @@ from .handles import Leader
 from .loop import ERR, HUP, IN, OUT, RDHUP, Flushable, Timer
 from .spawn import Child, SpawnError, spawn
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional, Tuple
+
     from .worker import Worker
 
 log = logging.getLogger("errand_boy.server")

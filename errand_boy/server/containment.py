@@ -36,7 +36,10 @@ import errno
 import logging
 import os
 import time
-from typing import List, Optional, Tuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import List, Optional, Tuple
 
 log = logging.getLogger("errand_boy.server")
 

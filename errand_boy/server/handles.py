@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import TYPE_CHECKING, Callable, FrozenSet, Iterator, List, Optional, Tuple
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Callable, FrozenSet, Iterator, List, Optional, Tuple
+
     from .containment import Cgroup
 
 _WAITED = os.WEXITED | os.WNOHANG | os.WNOWAIT

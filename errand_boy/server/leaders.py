@@ -14,14 +14,16 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Tuple
 
 from .containment import Cgroup, CommandCgroups
 from .handles import Leader, kill_adopted, kill_session, zombie_children
 from .loop import IN, Loop
 from .spawn import SpawnError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Dict, Iterator, Optional, Tuple
+
     from .connection import Connection
 
 log = logging.getLogger("errand_boy.server")

@@ -26,10 +26,13 @@ import os
 import socket
 import stat
 import struct
-from typing import Optional, Tuple
 
 from .._ids import describe_uid
 from ..exceptions import ErrandBoyError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Tuple
 
 BACKLOG = 4096
 _O_PATH = getattr(os, "O_PATH", 0o10000000)

@@ -26,7 +26,11 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, TextIO, Tuple
+from collections.abc import Mapping
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Dict, Hashable, List, Optional, TextIO, Tuple
 
 __all__ = [
     "configure_logging",
@@ -49,7 +53,8 @@ _SUMMARY_MARK = "flood_summary"
 _NEEDS_QUOTES = re.compile(r'[ "=\\]')
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
-Key = Tuple[int, Hashable, Hashable]
+if TYPE_CHECKING:
+    Key = Tuple[int, Hashable, Hashable]
 
 
 # ----------------------------------------------------------------------

@@ -13,9 +13,13 @@ import itertools
 import logging
 import select
 import time
-from typing import Callable, Dict, List, Optional, Set, Tuple
 
-Handler = Callable[[int], None]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Dict, List, Optional, Set, Tuple
+
+if TYPE_CHECKING:
+    Handler = Callable[[int], None]
 log = logging.getLogger("errand_boy.server")
 
 IN = select.EPOLLIN

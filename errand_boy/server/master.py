@@ -32,7 +32,6 @@ import select
 import signal
 import struct
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
 
 from setproctitle import setproctitle
 
@@ -47,6 +46,10 @@ from .logs import flush_summaries
 from .pidfile import PidFile
 from .scoreboard import Scoreboard
 from .worker import WORKER_SIGNALS, WorkerConfig, become_subreaper, worker_main
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional, Set, Tuple
 
 log = logging.getLogger("errand_boy.server")
 

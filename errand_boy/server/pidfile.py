@@ -38,10 +38,13 @@ import os
 import stat
 import struct
 from types import TracebackType
-from typing import Dict, List, Optional, Tuple, Type
 
 from .._ids import describe_uid
 from .listener import AlreadyRunning
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, List, Optional, Tuple, Type
 
 __all__ = ["PidFile", "read_pid"]
 
@@ -55,7 +58,8 @@ _MAX_READ = 64
 #: struct flock (F_GETLK): l_type, l_whence, l_start, l_len, l_pid.
 _FLOCK = struct.Struct("hhqqi4x")
 
-_Identity = Tuple[int, int]  # (st_dev, st_ino)
+if TYPE_CHECKING:
+    _Identity = Tuple[int, int]  # (st_dev, st_ino)
 
 #: Files this process holds a lock on. A forked child inherits the table but
 #: not the locks: PidFile.held tells them apart.

@@ -25,7 +25,10 @@ import fcntl
 import multiprocessing
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional, Tuple
 
 PID, RUNNING, SERVED, ACCEPTED, FAILED, QUEUED, WAITING_SINCE, BUSY = range(8)
 #: Command durations: a log-linear histogram, four buckets per power of two

@@ -21,14 +21,18 @@ import os
 import resource
 import signal
 import subprocess
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..protocol import Request
 
-#: (resource.RLIMIT_*, soft, hard) triples applied to every command.
-Rlimits = Sequence[Tuple[int, int, int]]
-#: (descriptor in the worker, number it gets in the command) pairs.
-Moves = List[Tuple[int, int]]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    #: (resource.RLIMIT_*, soft, hard) triples applied to every command.
+    Rlimits = Sequence[Tuple[int, int, int]]
+    #: (descriptor in the worker, number it gets in the command) pairs.
+    Moves = List[Tuple[int, int]]
 
 #: Bigger pipes mean fewer wake-ups per megabyte when a command writes a lot.
 PIPE_SIZE = 1 << 20

@@ -16,7 +16,10 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from typing import Optional
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional
 
 SD_LISTEN_FDS_START = 3
 

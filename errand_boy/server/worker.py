@@ -21,7 +21,6 @@ import struct
 import sys
 import time
 from collections import deque
-from typing import Any, Deque, Dict, FrozenSet, Optional, Set, Tuple
 
 from setproctitle import setproctitle
 
@@ -37,8 +36,13 @@ from .leaders import Leaders
 from .logs import command_text, flush_summaries
 from .loop import IN, Loop
 from .scoreboard import Scoreboard, now_us
-from .spawn import Rlimits
 from .spawn import prepare as prepare_spawn
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Deque, Dict, FrozenSet, Optional, Set, Tuple
+
+    from .spawn import Rlimits
 
 log = logging.getLogger("errand_boy.server")
 

@@ -8,9 +8,11 @@ never loads it.
 
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, Iterable, Optional
-
 from ..defaults import resolve_socket_path
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, FrozenSet, Iterable, Optional
 
 
 class TransportOptions:

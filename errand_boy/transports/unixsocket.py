@@ -15,11 +15,13 @@ from __future__ import annotations
 import importlib
 from subprocess import CompletedProcess
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 from ._options import TransportOptions
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Dict, Tuple
+
     from .. import client
 
 
