@@ -9,12 +9,13 @@ so a figure ends in bounded time even on a very slow server.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 from .harness import Measure, Run, at_most, figure, interleave, median, ratio_at_least
 from .server import BenchServer
@@ -169,6 +170,48 @@ def bare_python_pss() -> float:
             process.kill()
 
 
+#: A python and two forks of it, sleeping: the least a master and two
+#: workers can take on this interpreter (its site hooks included).
+_FORKED_TWICE = """
+import os, sys, time
+for _ in range(2):
+    if os.fork() == 0:
+        time.sleep(30)
+        os._exit(0)
+print(" ".join(str(pid) for pid in [os.getpid(), *(int(p) for p in open(
+    f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split())]), flush=True)
+time.sleep(30)
+"""
+
+
+def bare_pool_pss() -> float:
+    """PSS (MiB) of a bare python and two forks of it, once they sleep."""
+    with subprocess.Popen(
+        [sys.executable, "-c", _FORKED_TWICE], stdout=subprocess.PIPE, start_new_session=True
+    ) as process:
+        try:
+            assert process.stdout is not None
+            pids = [int(word) for word in process.stdout.readline().split()]
+            if len(pids) != 3:
+                raise RuntimeError(f"the forked python did not report 3 processes: {pids}")
+            return _settled(lambda: total_pss_mib(pids))
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def split_kib(pids: Iterable[int]) -> Dict[str, Dict[str, int]]:
+    """Per process: Pss, Pss_Anon and Private_Dirty (KiB) from smaps_rollup."""
+    split = {}
+    for pid in pids:
+        fields = {}
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+            name, value = line.split(":", 1)
+            if name in ("Pss", "Pss_Anon", "Private_Dirty"):
+                fields[name] = int(value.split()[0])
+        split[str(pid)] = fields
+    return split
+
+
 def _settled(measure: Callable[[], float], timeout: float = 5.0) -> float:
     """``measure()`` once two readings 100 ms apart agree (or at the timeout)."""
     time.sleep(0.2)
@@ -212,14 +255,19 @@ def memory(run: Run) -> List[Measure]:
             with PeakSampler(pids) as sampler:
                 stream_errand(server, nbytes)
             growths.append(max(0.0, sampler.peak - before))
+        _settled(lambda: total_pss_mib(pids))
+        split = split_kib(pids)
         if server.pids() != pids:
             raise RuntimeError(f"the server's processes changed during the figure: {pids} -> {server.pids()}")
+    floor = bare_pool_pss()
     workers = len(pids) - 1
     return [
         Measure(
             f"PSS at rest, master + {workers} workers", "MiB", median(rest), median(bare), at_most(12, "MiB"),
-            rest, bare, note=f"after a warm-up; fresh: {fresh:.1f} MiB; baseline: a bare sleeping python",
-            extra={"fresh_mib": fresh, "pids": pids},
+            rest, bare,
+            note=f"after a warm-up; fresh: {fresh:.1f} MiB; a bare python and {workers} forks of it: "
+            f"{floor:.1f} MiB; baseline: a bare sleeping python",
+            extra={"fresh_mib": fresh, "pids": pids, "bare_pool_mib": floor, "split_kib": split},
         ),
         Measure(
             f"PSS peak growth streaming {nbytes / 1e6:g} MB", "MiB", max(growths), None, at_most(2, "MiB"),
