@@ -46,8 +46,13 @@ def test_idle_work_that_fails_is_logged_and_the_rest_still_runs(caplog: Any) -> 
 
     loop.when_idle(broken)
     loop.when_idle(lambda: seen.append("second"))
-    with caplog.at_level(logging.ERROR, logger="errand_boy.server"):
-        loop.run_once(0)
+    logger = logging.getLogger("errand_boy.server")
+    logger.addHandler(caplog.handler)  # (whether or not "errand_boy" propagates)
+    try:
+        with caplog.at_level(logging.ERROR, logger="errand_boy.server"):
+            loop.run_once(0)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert seen == ["second"]
     assert "deferred work" in caplog.text
     loop.close()
@@ -59,6 +64,8 @@ def _fields(n: int) -> Dict[str, Any]:
 
 def test_deferred_records_keep_the_time_they_were_made() -> None:
     stream = io.StringIO()
+    package = logging.getLogger("errand_boy")
+    saved = (package.handlers[:], package.level, package.propagate)
     configure_logging("INFO", "json", stream)
     try:
         logger = logging.getLogger("errand_boy.server")
@@ -70,7 +77,7 @@ def test_deferred_records_keep_the_time_they_were_made() -> None:
         later.flush()
         later.flush()  # nothing twice
     finally:
-        configure_logging("INFO", "text")
+        package.handlers[:], package.level, package.propagate = saved
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["n"] for line in lines] == [1, 2]
     assert all(line["message"] == "command ended" and line["cmd"] == "echo\nforged" for line in lines)
