@@ -67,6 +67,10 @@ def test_deferred_records_keep_the_time_they_were_made() -> None:
     package = logging.getLogger("errand_boy")
     saved = (package.handlers[:], package.level, package.propagate)
     configure_logging("INFO", "json", stream)
+    records: List[logging.LogRecord] = []
+    keeper = logging.Handler()
+    keeper.emit = records.append  # type: ignore[method-assign]
+    package.addHandler(keeper)
     try:
         logger = logging.getLogger("errand_boy.server")
         later = DeferredRecords(logger)
@@ -78,6 +82,7 @@ def test_deferred_records_keep_the_time_they_were_made() -> None:
         later.flush()  # nothing twice
     finally:
         package.handlers[:], package.level, package.propagate = saved
+    assert [abs(r.created - made) < 0.1 for r in records] == [True, True], [r.created - made for r in records]
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [line["n"] for line in lines] == [1, 2]
     assert all(line["message"] == "command ended" and line["cmd"] == "echo\nforged" for line in lines)
