@@ -79,7 +79,8 @@ def test_status_totals_add_up_across_two_workers(start_server):
     assert after["connections"] - before["connections"] == threads * per_thread + 1, (before, after)
     assert wait_for(lambda: status(path)["running"] == 0, 5.0), status(path)
     # Both workers took part, so the totals are sums of two slots.
-    assert wait_for(lambda: len(set(re.findall(r"errand-boy\[(\d+)\] INFO command ended", server.log()))) == 2, 5.0)
+    serving = re.compile(r"errand-boy\[(\d+)\] INFO command ended")
+    assert wait_for(lambda: len(set(serving.findall(server.log()))) == 2, 5.0)
 
 
 def test_max_concurrent_holds_across_workers(start_server, tmp_path):
@@ -90,9 +91,7 @@ def test_max_concurrent_holds_across_workers(start_server, tmp_path):
     path = server.socket_path
     workers_of(path, 2)
     record = tmp_path / "ran"
-    cmd = (
-        f"echo start $(date +%s%N) >> {record}; sleep 0.3; echo end $(date +%s%N) >> {record}"
-    )
+    cmd = f"echo start $(date +%s%N) >> {record}; sleep 0.3; echo end $(date +%s%N) >> {record}"
     replies: List[object] = [None] * count
 
     def client(n: int) -> None:
