@@ -485,7 +485,7 @@ class Connection(Flushable):
         # it has its reply sees its command among them.
         self.worker.count_served()
         self.queue(
-            protocol.exit_frame(returncode, reason, duration=round(duration, 6), cpu=round(self.cpu, 6))
+            protocol.timed_exit_frame(returncode, reason, round(duration, 6), round(self.cpu, 6))
         )
         self.state = "closing"
         self.cancel_timers()
