@@ -68,6 +68,7 @@ __all__ = [
     "signal_frame",
     "started_frame",
     "exit_frame",
+    "timed_exit_frame",
     "error_frame",
     "status_frame",
 ]
@@ -300,6 +301,24 @@ def exit_frame(returncode: int, reason: str, **extra: Any) -> bytes:
     if reason not in EXIT_REASONS:
         raise LocalProtocolError(f"unknown exit reason {reason!r}")
     return frame(b"X", _json_payload({**extra, "returncode": int(returncode), "reason": reason}))
+
+
+def timed_exit_frame(returncode: int, reason: str, duration: float, cpu: float) -> bytes:
+    """``exit_frame(returncode, reason, duration=..., cpu=...)``, the
+    server's every reply, without a trip through the JSON encoder (which
+    writes a finite float as its ``repr``, as here)."""
+    if reason not in EXIT_REASONS:
+        raise LocalProtocolError(f"unknown exit reason {reason!r}")
+    duration, cpu = float(duration), float(cpu)
+    if not (math.isfinite(duration) and math.isfinite(cpu)):
+        return exit_frame(returncode, reason, duration=duration, cpu=cpu)  # (raises ValueError)
+    payload = b'{"duration":%r,"cpu":%r,"returncode":%d,"reason":"%s"}' % (
+        duration,
+        cpu,
+        int(returncode),
+        reason.encode(),
+    )
+    return b"X %d\r\n%s" % (len(payload), payload)
 
 
 def error_frame(code: str, message: str, **extra: Any) -> bytes:
