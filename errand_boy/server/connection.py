@@ -342,10 +342,16 @@ class Connection(Flushable):
     # the command's pipes
 
     def on_stdout(self, mask: int) -> None:
-        self.pump("stdout", b"O")
+        try:
+            self.pump("stdout", b"O")
+        except Exception:
+            self.internal_error()
 
     def on_stderr(self, mask: int) -> None:
-        self.pump("stderr", b"E")
+        try:
+            self.pump("stderr", b"E")
+        except Exception:
+            self.internal_error()
 
     def pump(self, name: str, kind: bytes) -> None:
         """Move what the command wrote on one pipe into a frame."""
@@ -457,7 +463,10 @@ class Connection(Flushable):
 
     def on_leader_exit(self) -> None:
         """The command's leader has exited (it is not reaped yet)."""
-        self.maybe_finish()
+        try:
+            self.maybe_finish()
+        except Exception:  # the client gets a `!`, not a connection that hangs
+            self.internal_error()
 
     def maybe_finish(self) -> None:
         if self.state != "running" or self.pipes_open():
