@@ -342,16 +342,10 @@ class Connection(Flushable):
     # the command's pipes
 
     def on_stdout(self, mask: int) -> None:
-        try:
-            self.pump("stdout", b"O")
-        except Exception:
-            self.internal_error()
+        self.pump("stdout", b"O")
 
     def on_stderr(self, mask: int) -> None:
-        try:
-            self.pump("stderr", b"E")
-        except Exception:
-            self.internal_error()
+        self.pump("stderr", b"E")
 
     def pump(self, name: str, kind: bytes) -> None:
         """Move what the command wrote on one pipe into a frame."""
@@ -465,8 +459,8 @@ class Connection(Flushable):
         """The command's leader has exited (it is not reaped yet)."""
         try:
             self.maybe_finish()
-        except Exception:  # the client gets a `!`, not a connection that hangs
-            self.internal_error()
+        except Exception:  # (its pidfd's event does not come again)
+            self.internal_error()  # the client gets a `!`, not a connection that hangs
 
     def maybe_finish(self) -> None:
         if self.state != "running" or self.pipes_open():
