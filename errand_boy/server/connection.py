@@ -487,9 +487,7 @@ class Connection(Flushable):
         # Counted before X leaves: a client that asks for the figures once
         # it has its reply sees its command among them.
         self.worker.count_served()
-        self.queue(
-            protocol.timed_exit_frame(returncode, reason, round(duration, 6), round(self.cpu, 6))
-        )
+        self.queue(protocol.timed_exit_frame(returncode, reason, round(duration, 6), round(self.cpu, 6)))
         self.state = "closing"
         self.cancel_timers()
         # The client waits for X, not for our clean-up, bookkeeping and log.
