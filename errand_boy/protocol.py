@@ -71,6 +71,7 @@ __all__ = [
     "signal_frame",
     "started_frame",
     "exit_frame",
+    "timed_exit_frame",
     "error_frame",
     "status_frame",
 ]
@@ -336,7 +337,11 @@ def frame(kind: bytes, payload: bytes) -> bytes:
 
 def _json_payload(obj: Mapping[str, Any]) -> bytes:
     # ensure_ascii keeps lone surrogates (\udcXX) and any CR/LF escaped.
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii")
+    return _ENCODER.encode(obj).encode("ascii")
+
+
+#: (json.dumps with these options would build an encoder for every frame.)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def input_frame(data: bytes) -> bytes:
@@ -369,6 +374,24 @@ def exit_frame(returncode: int, reason: str, **extra: Any) -> bytes:
     if reason not in EXIT_REASONS:
         raise LocalProtocolError(f"unknown exit reason {reason!r}")
     return frame(b"X", _json_payload({**extra, "returncode": int(returncode), "reason": reason}))
+
+
+def timed_exit_frame(returncode: int, reason: str, duration: float, cpu: float) -> bytes:
+    """``exit_frame(returncode, reason, duration=..., cpu=...)``, the
+    server's every reply, without a trip through the JSON encoder (which
+    writes a finite float as its ``repr``, as here)."""
+    if reason not in EXIT_REASONS:
+        raise LocalProtocolError(f"unknown exit reason {reason!r}")
+    duration, cpu = float(duration), float(cpu)
+    if not (math.isfinite(duration) and math.isfinite(cpu)):
+        return exit_frame(returncode, reason, duration=duration, cpu=cpu)  # (raises ValueError)
+    payload = b'{"duration":%r,"cpu":%r,"returncode":%d,"reason":"%s"}' % (
+        duration,
+        cpu,
+        int(returncode),
+        reason.encode(),
+    )
+    return b"X %d\r\n%s" % (len(payload), payload)
 
 
 def error_frame(code: str, message: str, **extra: Any) -> bytes:
@@ -734,7 +757,9 @@ def parse_extended_block(payload: bytes) -> Request:
     if b"\r" in payload or b"\n" in payload:
         raise RemoteProtocolError("raw CR or LF inside the request's JSON object")
     try:
-        obj = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        text = payload.decode("utf-8")
+        # (json.loads would build a decoder for every call; it also names a BOM.)
+        obj = json.loads(text) if text.startswith("\ufeff") else _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         raise RemoteProtocolError(f"the request is not a valid UTF-8 JSON object: {exc}") from None
     if not isinstance(obj, dict):
@@ -747,9 +772,9 @@ def parse_extended_block(payload: bytes) -> Request:
         return Request(op="status")
     if op != "run":
         raise RemoteProtocolError(f"member 'op': must be 'run' or 'status', not {op!r}")
-    for name in obj:
-        if name not in _RUN_MEMBERS:
-            raise RemoteProtocolError(f"member {name!r}: unknown member")
+    if not _RUN_MEMBERS.issuperset(obj):
+        unknown = next(name for name in obj if name not in _RUN_MEMBERS)
+        raise RemoteProtocolError(f"member {unknown!r}: unknown member")
     if ("cmd" in obj) == ("argv" in obj):
         raise RemoteProtocolError("member 'cmd'/'argv': exactly one of them is required")
     cmd = argv = cwd = env = None
@@ -770,8 +795,12 @@ def parse_extended_block(payload: bytes) -> Request:
         value = obj["env"]
         if not isinstance(value, dict):
             raise RemoteProtocolError("member 'env': must be an object of strings")
+        # Without a \u escape in the payload, no string can hold a NUL or a
+        # lone surrogate (JSON allows neither raw): encoding cannot fail.
+        env = _plain_env(value) if b"\\u" not in payload else None
+    if env is None and "env" in obj:
         env = {}
-        for key, val in value.items():
+        for key, val in obj["env"].items():
             k = _wire_bytes(key, "env")
             if not k or b"=" in k:
                 raise RemoteProtocolError(f"member 'env': illegal variable name {key!r}")
@@ -794,6 +823,25 @@ def parse_extended_block(payload: bytes) -> Request:
             raise RemoteProtocolError(f"member 'pass_fds': {problem}")
         pass_fds = tuple(obj["pass_fds"])
     return Request(cmd=cmd, argv=argv, cwd=cwd, env=env, timeout=timeout, pass_fds=pass_fds, **streams)
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _plain_env(value: Dict[str, Any]) -> Optional[Dict[bytes, bytes]]:
+    """``env`` as bytes, for a payload without escapes; None: use the
+    checking path (which names the problem)."""
+    keys = "\0".join(value)
+    try:
+        values = "\0".join(value.values())
+    except TypeError:  # a value that is not a string
+        return None
+    if "=" in keys or "" in value:
+        return None
+    if not value:
+        return {}
+    # (No string holds a NUL: one encode and split for all of them.)
+    return dict(zip(keys.encode().split(b"\0"), values.encode().split(b"\0")))
 
 
 def _pass_fds_problem(value: Any) -> str:

@@ -293,13 +293,20 @@ class CommandCgroups:
 
     def release(self, cgroup: Cgroup) -> None:
         """Kill what is left in a command's cgroup; reuse it if that was
-        nothing (cheaper than rmdir and mkdir), else remove it once empty."""
-        cgroup.kill()
+        nothing (cheaper than rmdir and mkdir), else remove it once empty.
+
+        An empty cgroup (the usual case: the command's processes have all
+        exited) needs no kill: nothing can join it but through its
+        ``cgroup.procs``, which only this worker writes.
+        """
         if self.dying:
             self.retry()
-        if len(self.pool) < POOL and cgroup.empty():
-            self.pool.append(cgroup)
-            return
+        if cgroup.empty():
+            if len(self.pool) < POOL:
+                self.pool.append(cgroup)
+                return
+        else:
+            cgroup.kill()
         self.remove(cgroup)
         self.fill()
 

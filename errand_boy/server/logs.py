@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "configure_logging",
+    "DeferredRecords",
     "flush_summaries",
     "command_text",
     "one_line",
@@ -110,6 +111,58 @@ def _formatter(fmt: str) -> logging.Formatter:
     if name == "json":
         return JsonFormatter()
     raise ValueError(f"unknown log format {fmt!r}: use 'text' or 'json'")
+
+
+# ----------------------------------------------------------------------
+# records written later
+
+
+class DeferredRecords:
+    """Records whose writing waits until the server has nothing else to do.
+
+    The server's per-command line is made once the reply has gone, and
+    written (formatted, filtered, handled) when its loop is idle, so that
+    it never delays the next connection. :meth:`add` keeps what the record
+    needs; :meth:`flush` makes and handles the records, each with the time
+    it was added. The owner flushes when idle, when :meth:`due` (at most
+    ``limit`` records or ``max_delay`` seconds wait), and on its way out.
+    """
+
+    def __init__(self, logger: logging.Logger, limit: int = 64, max_delay: float = 0.05) -> None:
+        self.logger = logger
+        self.limit = limit
+        self.max_delay = max_delay
+        self.pending: List[Tuple[float, int, str, Callable[..., Mapping[str, Any]], Tuple[Any, ...]]] = []
+        self.oldest = 0.0  # time.monotonic() of the first pending record
+
+    def add(self, level: int, msg: str, fields: Callable[..., Mapping[str, Any]], *args: Any) -> bool:
+        """Keep a record of ``msg`` whose fields are ``fields(*args)``, made
+        when written. Returns True when it is the first one pending."""
+        first = not self.pending
+        if first:
+            self.oldest = time.monotonic()
+        self.pending.append((time.time(), level, msg, fields, args))
+        return first
+
+    def due(self) -> bool:
+        pending = self.pending
+        return bool(pending) and (
+            len(pending) >= self.limit or time.monotonic() - self.oldest >= self.max_delay
+        )
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        logger = self.logger
+        for created, level, msg, fields, args in pending:
+            if not logger.isEnabledFor(level):
+                continue
+            record = logger.makeRecord(
+                logger.name, level, __file__, 0, msg, (), None, extra={"fields": fields(*args)}
+            )
+            record.relativeCreated += (created - record.created) * 1000
+            record.created = created
+            record.msecs = int((created - int(created)) * 1000) + 0.0
+            logger.handle(record)
 
 
 # ----------------------------------------------------------------------

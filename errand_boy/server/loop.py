@@ -71,6 +71,7 @@ class Loop:
         # descriptor (an accepted connection) took the number meanwhile.
         self._stale: Set[int] = set()
         self.now = time.monotonic()
+        self._idle: List[Callable[[], None]] = []
 
     def register(self, fd: int, mask: int, handler: Handler) -> None:
         self._epoll.register(fd, mask)
@@ -104,6 +105,19 @@ class Loop:
     def mark_dirty(self, item: Flushable) -> None:
         self._dirty.add(item)
 
+    def when_idle(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, the next time no event is waiting (work
+        that must not delay the next connection: a log line, say)."""
+        self._idle.append(callback)
+
+    def run_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for callback in idle:
+            try:
+                callback()
+            except Exception:
+                log.exception("unhandled error in deferred work")
+
     def run_once(self, max_wait: Optional[float] = None) -> None:
         """Wait for events (or the next timer) and handle them."""
         timers = self._timers
@@ -115,7 +129,13 @@ class Loop:
             until = max(0.0, timers[0][0] - time.monotonic())
             wait = until if wait < 0 else min(wait, until)
         self._stale.clear()
-        events = self._epoll.poll(wait)
+        if self._idle:
+            events = self._epoll.poll(0)
+            if not events:
+                self.run_idle()
+                events = self._epoll.poll(wait)
+        else:
+            events = self._epoll.poll(wait)
         self.now = time.monotonic()
         handlers = self._handlers
         stale = self._stale

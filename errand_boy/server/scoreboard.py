@@ -2,16 +2,20 @@
 
 A block of shared memory made before the workers are forked: one row per
 worker slot, each written only by the worker that holds the slot (so the
-per-slot figures need no lock), and a small header that every worker
-updates under one lock: connections accepted (for ``--max-accepts``) and
-commands running (for ``--max-concurrent``).
+per-slot figures need no lock; the status reply adds them up), and a small
+header that every worker updates under one lock: connections accepted
+(for ``--max-accepts``).
 
 Admission is first come, first served across the whole server: a worker
 publishes when its oldest waiting request arrived, and a request may take a
-free slot only if no other worker has one waiting since earlier. A place is
-counted in the server's total and in its worker's ``RUNNING`` cell in one
-step under the lock, so the master can give back exactly the places of a
-worker that died.
+free slot only if no other worker has one waiting since earlier. Commands
+running (for ``--max-concurrent``) are counted per worker, in its
+``RUNNING`` cell: a place is taken under the lock (the sum of the cells is
+below the limit, and the worker's own cell grows), and given back without
+it (the worker's own cell shrinks). A decrease that another worker has not
+seen yet only makes it wait a little: the sum it reads is never below the
+true one. A dead worker's cell tells the master exactly which places to
+give back.
 
 The lock is a POSIX record lock on a memfd, not a semaphore: the kernel
 drops it when its holder dies, so a worker killed at the wrong moment
@@ -36,8 +40,8 @@ PID, RUNNING, SERVED, ACCEPTED, FAILED, QUEUED, WAITING_SINCE, BUSY = range(8)
 _SUB = 4
 _BUCKETS = 32 * _SUB
 _FIELDS = 8 + _BUCKETS
-_ACCEPTS, _RUNNING = range(2)  # header cells
-_HEADER = 2
+_ACCEPTS = 0  # header cell
+_HEADER = 2  # (cell 1 is unused)
 
 
 class Scoreboard:
@@ -83,7 +87,7 @@ class Scoreboard:
         or another worker has a request that has waited longer."""
         cells = self._cells
         with self.lock:
-            if cells[_RUNNING] >= limit:
+            if self.running() >= limit:
                 return False
             if since:
                 for other in range(self.slots):
@@ -91,15 +95,18 @@ class Scoreboard:
                         waiting = cells[self._at(other, WAITING_SINCE)]
                         if waiting and waiting < since:
                             return False
-            cells[_RUNNING] += 1
             cells[self._at(slot, RUNNING)] += 1
             return True
 
     def finish(self, slot: int, count: int = 1) -> None:
-        """Give back ``count`` running places of ``slot``."""
-        with self.lock:
-            self._cells[_RUNNING] -= count
-            self._cells[self._at(slot, RUNNING)] -= count
+        """Give back ``count`` running places of ``slot`` (no lock: only the
+        slot's worker, or the master once it is dead, writes its cell)."""
+        self._cells[self._at(slot, RUNNING)] -= count
+
+    def running(self) -> int:
+        """Commands running in the whole server."""
+        cells = self._cells
+        return int(sum(cells[_HEADER + RUNNING : _HEADER + self.slots * _FIELDS : _FIELDS]))
 
     # ------------------------------------------------------------------
 

@@ -34,8 +34,12 @@ if TYPE_CHECKING:
     #: (descriptor in the worker, number it gets in the command) pairs.
     Moves = List[Tuple[int, int]]
 
-#: Bigger pipes mean fewer wake-ups per megabyte when a command writes a lot.
+#: Bigger pipes mean fewer wake-ups per megabyte when a command writes a
+#: lot; a pipe is grown (:func:`grow_pipe`) once a read finds it full, so a
+#: command that writes little never pays for it.
 PIPE_SIZE = 1 << 20
+#: What a new pipe holds (Linux: 16 pages).
+PIPE_DEFAULT_SIZE = 1 << 16
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 #: Set back to their defaults in the command: every standard signal that can
 #: be caught. Python ignores SIGPIPE and SIGXFSZ (subprocess's
@@ -74,7 +78,8 @@ class SpawnError(Exception):
         self.filename = filename
 
 
-def _grow(fd: int) -> None:
+def grow_pipe(fd: int) -> None:
+    """Give a pipe (either end) PIPE_SIZE bytes of room."""
     try:
         fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
     except OSError:  # over the user's pipe quota: the default size works too
@@ -142,7 +147,6 @@ def _plan(request: Request, fds: Sequence[int]) -> _Plan:
                     plan.give.append(r)
                     plan.child.stdin, source[0] = w, r
                 else:
-                    _grow(r)
                     plan.give.append(w)
                     setattr(plan.child, name, r)
                     source[number] = w

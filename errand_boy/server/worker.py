@@ -33,7 +33,7 @@ from .budget import RequestBudget
 from .connection import Connection
 from .containment import CommandCgroups
 from .leaders import Leaders
-from .logs import command_text, flush_summaries
+from .logs import DeferredRecords, command_text, flush_summaries
 from .loop import IN, Loop
 from .scoreboard import Scoreboard, now_us
 from .spawn import prepare as prepare_spawn
@@ -163,6 +163,7 @@ class Worker:
         self.queue_timer: Optional[Any] = None
         self.accept_guard = AcceptGuard(self)  # accept() out of descriptors
         self.budget = RequestBudget(config.max_buffered_bytes)
+        self.later = DeferredRecords(log)  # command-end lines, written when idle
 
     # ------------------------------------------------------------------
     # set-up
@@ -197,6 +198,8 @@ class Worker:
             next_flush = 0.0
             while self.listener is not None or self.connections or self.leaders.held:
                 self.loop.run_once(1.0)
+                if self.later.due():  # (busy for a while: not idle)
+                    self.later.flush()
                 if self.loop.now >= next_flush:  # summaries of repeated warnings
                     flush_summaries()
                     next_flush = self.loop.now + 1.0
@@ -205,6 +208,7 @@ class Worker:
                     self.orphaned = True
                     self.shut_down(now=True)
         finally:
+            self.later.flush()
             self.leaders.close(self.orphaned or os.getppid() != self.master_pid)
             flush_summaries(final=True)
         log.debug("worker %d done", self.index)
@@ -278,8 +282,10 @@ class Worker:
             conn.fail("shutting-down", refuse)
         else:
             # Clients send the request right after connecting: it is usually
-            # here already, and reading now saves a trip round the loop.
+            # here already, and reading now saves a trip round the loop (and
+            # a request timer, which only an incomplete request needs).
             conn.on_socket(IN)
+            conn.start_request_timer()
         return conn
 
     def allowed(self, sock: socket.socket, uid: int, gid: int) -> bool:
@@ -363,19 +369,11 @@ class Worker:
     def command_finished(self, conn: Connection, returncode: int, reason: str, duration: float) -> None:
         self.board.record_duration(self.index, duration)
         self.release_place()
-        if log.isEnabledFor(logging.INFO):
-            log.info(
-                "command ended",
-                extra={
-                    "fields": {
-                        **_command_fields(conn),
-                        "reason": reason,
-                        "returncode": returncode,
-                        "duration": round(duration, 6),
-                        "bytes_out": conn.bytes_out,
-                    }
-                },
-            )
+        # Written when the loop is idle: the next connection does not wait for it.
+        if log.isEnabledFor(logging.INFO) and self.later.add(
+            logging.INFO, "command ended", _ended_fields, conn, reason, returncode, duration, conn.bytes_out
+        ):
+            self.loop.when_idle(self.later.flush)
 
     def command_aborted(self, conn: Connection, why: str) -> None:
         self.board.add(self.index, sb.FAILED)
@@ -486,6 +484,18 @@ def _command_fields(conn: Connection) -> Dict[str, Any]:
         "peer_pid": conn.peer_pid,
         "cmd_pid": conn.pid or None,
         "cmd": command_text(text),
+    }
+
+
+def _ended_fields(
+    conn: Connection, reason: str, returncode: int, duration: float, bytes_out: int
+) -> Dict[str, Any]:
+    return {
+        **_command_fields(conn),
+        "reason": reason,
+        "returncode": returncode,
+        "duration": round(duration, 6),
+        "bytes_out": bytes_out,
     }
 
 
