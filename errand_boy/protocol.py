@@ -764,6 +764,14 @@ def _wire_bytes(value: Any, member: str) -> bytes:
     return data
 
 
+# The reply's frame kinds, as byte values: the client's parser works on
+# plain byte operations (find, int) rather than regexes and a frame reader,
+# since it runs once per reply on every client's critical path.
+_P, _O, _E, _X, _BANG = b"POEX!"
+_REPLY_KINDS = frozenset(b"POEX!S")
+_PARTIAL_HEADER = re.compile(rb". ?[0-9]*\r?", re.DOTALL)
+
+
 class ReplyParser:
     """The client's side: reads what the server sends back.
 
@@ -778,7 +786,9 @@ class ReplyParser:
         self._eof = False
         self.done = False
         self.pid: Optional[int] = None
-        self._frames = _FrameReader(b"POEX!S", b"OE", max_frame_bytes, MAX_SMALL_PAYLOAD, "server")
+        self._max_frame = max_frame_bytes
+        self._kind = 0  # the byte value of the frame whose payload is being read; 0: a header is next
+        self._remaining = 0  # bytes of that payload still to come
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the server; ``b""`` means it closed."""
@@ -797,51 +807,97 @@ class ReplyParser:
         buffer (one copy, as from a local pipe) and report them with
         :meth:`payload_received`. ``(0, 0)`` otherwise.
         """
-        frames = self._frames
-        if self._buf or not frames._remaining or frames._kind not in (b"O", b"E"):
+        kind = self._kind
+        if self._buf or not self._remaining or (kind != _O and kind != _E):
             return 0, 0
-        return (1 if frames._kind == b"O" else 2), frames._remaining
+        return (1 if kind == _O else 2), self._remaining
 
     def payload_received(self, n: int) -> None:
         """Account for ``n`` payload bytes read directly (see :meth:`payload_window`)."""
-        frames = self._frames
-        if not 0 < n <= frames._remaining or self._buf:
+        if not 0 < n <= self._remaining or self._buf or (self._kind != _O and self._kind != _E):
             raise ValueError("payload_received() outside the window payload_window() gave")
-        frames._remaining -= n
-        if not frames._remaining:
-            frames._kind = b""
+        self._remaining -= n
+        if not self._remaining:
+            self._kind = 0
 
     def next_event(self) -> Any:
         if self.done:
             return NEED_DATA
+        buf = self._buf
         while True:
-            got = self._frames.next(self._buf)
-            if got is None:
-                if self._eof:
-                    raise RemoteProtocolError(
-                        "the server closed the connection before the reply was complete"
-                    )
-                return NEED_DATA
-            kind, piece, _ = got
-            if kind not in b"OE" or piece:  # an empty O or E frame says nothing
-                break
-        if kind == b"O" or kind == b"E":
-            return Output(1 if kind == b"O" else 2, piece)
-        if kind == b"P":
-            if not re.fullmatch(rb"[1-9][0-9]{0,18}", piece):
+            kind = self._kind or self._header(buf)
+            if not kind:
+                return self._need_data()
+            remaining = self._remaining
+            if kind == _O or kind == _E:
+                if not remaining:  # an empty O or E frame says nothing
+                    self._kind = 0
+                    continue
+                if not buf:
+                    return self._need_data()
+                take = min(remaining, len(buf))
+                piece = bytes(buf[:take])
+                del buf[:take]
+                self._remaining = remaining = remaining - take
+                if not remaining:
+                    self._kind = 0
+                return Output(1 if kind == _O else 2, piece)
+            if len(buf) < remaining:
+                return self._need_data()
+            piece = bytes(buf[:remaining])
+            del buf[:remaining]
+            self._kind, self._remaining = 0, 0
+            return self._small_frame(kind, piece)
+
+    def _need_data(self) -> Any:
+        if self._eof:
+            raise RemoteProtocolError("the server closed the connection before the reply was complete")
+        return NEED_DATA
+
+    def _header(self, buf: bytearray) -> int:
+        """Take a frame header off ``buf``: its kind (0: more bytes needed)."""
+        if not buf:
+            return 0
+        kind = buf[0]
+        if kind not in _REPLY_KINDS:
+            raise RemoteProtocolError(f"unknown frame kind {bytes((kind,))!r} from the server")
+        end = buf.find(b"\r\n", 0, _MAX_HEADER)
+        if end < 0:
+            if len(buf) >= _MAX_HEADER or not _PARTIAL_HEADER.fullmatch(buf):
+                raise RemoteProtocolError("malformed frame header from the server")
+            return 0
+        digits = bytes(buf[2:end])
+        if buf[1] != 0x20 or not digits.isdigit() or (digits[0] == 0x30 and len(digits) > 1):
+            raise RemoteProtocolError("malformed frame header from the server")
+        length = int(digits)
+        streamed = kind == _O or kind == _E
+        limit = self._max_frame if streamed else MAX_SMALL_PAYLOAD
+        if length > limit:
+            raise RemoteProtocolError(
+                f"a {chr(kind)} frame of {length} bytes exceeds the limit of {limit}", "too-large"
+            )
+        del buf[: end + 2]
+        self._kind, self._remaining = kind, length
+        return kind
+
+    def _small_frame(self, kind: int, piece: bytes) -> Any:
+        """The event of a whole ``P``, ``X``, ``!`` or ``S`` frame."""
+        if kind == _P:
+            if not (piece.isdigit() and piece[0] != 0x30 and len(piece) <= 19):
                 raise RemoteProtocolError(f"invalid process id {piece[:32]!r} in a P frame")
             self.pid = int(piece)
             return Started(self.pid)
-        obj = _reply_object(kind, piece)
+        name = bytes((kind,))
+        obj = _reply_object(name, piece)
         self.done = True
         self._buf.clear()
-        if kind == b"X":
+        if kind == _X:
             code = obj.get("returncode")
             reason = obj.get("reason")
             if isinstance(code, bool) or not isinstance(code, int) or not isinstance(reason, str):
                 raise RemoteProtocolError("an X frame needs an integer returncode and a reason")
             return Exited(code, reason, obj)
-        if kind == b"!":
+        if kind == _BANG:
             error = obj.get("error")
             if not isinstance(error, str):
                 raise RemoteProtocolError("a ! frame needs an error code")
@@ -849,9 +905,21 @@ class ReplyParser:
         return StatusReply(obj)
 
 
+#: The json module's own scanner (C when available): a reply object in the
+#: compact form servers send is read without json.loads's wrapping; anything
+#: else (whitespace around it, an error) goes through json.loads itself.
+_scan_once = json.JSONDecoder().scan_once
+
+
 def _reply_object(kind: bytes, payload: bytes) -> Dict[str, Any]:
     try:
-        obj = json.loads(payload.decode("utf-8"))
+        text = payload.decode("utf-8")
+        try:
+            obj, end = _scan_once(text, 0)
+        except (StopIteration, ValueError, RecursionError):
+            end = -1
+        if end != len(text):
+            obj = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise RemoteProtocolError(f"the {kind.decode()} frame is not a JSON object: {exc}") from None
     if not isinstance(obj, dict):

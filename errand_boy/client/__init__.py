@@ -98,6 +98,7 @@ from subprocess import DEVNULL, PIPE, STDOUT, CompletedProcess, TimeoutExpired
 from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 from ..defaults import resolve_socket_path
+from . import _fast
 from ._args import _Args as _Args
 from ._args import _decode_text as _decode_text
 from ._args import _output_plan as _output_plan
@@ -149,6 +150,13 @@ def run_cmd(
     Popen's. Output is bytes, or str in text mode; a str ``input`` is
     encoded as UTF-8 unless in text mode.
     """
+    if _fast.usable(options, PIPE, PIPE, PIPE):
+        data = _fast.input_bytes(input)
+        if data is not None:
+            target = _target(cmd, options.get("shell"))
+            done = _fast.run_cmd(cmd, target, data, socket_path, options.get("trusted_uids"))
+            if done is not None:
+                return done
     process = Popen(cmd, socket_path=socket_path, _input=b"" if input is None else input, **options)
     stdout, stderr = process.communicate()
     return process, stdout, stderr
@@ -177,6 +185,14 @@ def run(
     :class:`subprocess.CalledProcessError`. ``options`` are Popen's.
     """
     stdin, stdout, stderr = _run_streams(input, capture_output, stdin, stdout, stderr)
+    if timeout is None and _fast.usable(options, stdin, stdout, stderr):
+        data = _fast.input_bytes(input)
+        if data is not None:
+            target = _target(args, options.get("shell"))
+            streams = (stdin, stdout, stderr)
+            done = _fast.run(args, target, streams, data, check, socket_path, options.get("trusted_uids"))
+            if done is not None:
+                return done
     process = Popen(
         args, stdin=stdin, stdout=stdout, stderr=stderr, timeout=timeout,
         socket_path=socket_path, _input=input, **options,

@@ -28,6 +28,7 @@ from .. import protocol
 from ..exceptions import BadRequest, ConnectionLost, RemoteProtocolError, error_from_frame
 from . import _fds
 from ._args import _output_plan, _stdin_plan
+from ._request import default_request
 from ._io import INPUT_FRAME_SIZE, _BytesSource, _discard, _file_sink, _Sink, _Source
 
 #: Input up to this size travels in the same send as the request: the socket
@@ -134,6 +135,11 @@ class Launch:
         return True
 
     def _request(self, wire: Dict[str, str], pass_fds: Sequence[int]) -> bytes:
+        default = self.env is None and not self.server_env and self.timeout is None and not pass_fds
+        if default and type(self.cwd) is str:  # the common case, from cached parts
+            request = default_request(self.target, self.cwd, wire, _fds.environment_member())
+            if request is not None:
+                return request
         request = protocol.encode_request(
             **self.target, cwd=self.cwd, env=self.env, timeout=self.timeout, pass_fds=pass_fds, **wire
         )

@@ -78,7 +78,11 @@ def check_server(sock: Any, socket_path: str, trusted_uids: Optional[Iterable[in
     """Raise :class:`~errand_boy.exceptions.UntrustedServer` unless the
     server on ``sock`` runs as root, as our effective user, or as a trusted
     user. Call it after connecting and before sending anything."""
-    trusted = trusted_uids_from(trusted_uids)
+    check_peer(sock, socket_path, trusted_uids_from(trusted_uids))
+
+
+def check_peer(sock: Any, socket_path: str, trusted: FrozenSet[int]) -> None:
+    """:func:`check_server` with ``trusted`` as :func:`trusted_uids_from` gave it."""
     uid = peer_uid(sock)
     if uid == 0 or uid == os.geteuid() or uid in trusted:
         return
