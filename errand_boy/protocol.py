@@ -821,6 +821,27 @@ class ReplyParser:
             self._kind = 0
 
     def next_event(self) -> Any:
+        """The next event, or :data:`NEED_DATA`."""
+        got = self.next_frame()
+        if got is NEED_DATA:
+            return got
+        kind, value = got
+        if kind == _O or kind == _E:
+            return Output(1 if kind == _O else 2, value)
+        if kind == _P:
+            return Started(value)
+        if kind == _X:
+            return Exited(value["returncode"], value["reason"], value)
+        if kind == _BANG:
+            return Failed(value["error"], str(value.get("message", "")), value)
+        return StatusReply(value)
+
+    def next_frame(self) -> Any:
+        """What :meth:`next_event` says, without an event object (the
+        client's hot path): :data:`NEED_DATA`, or ``(kind, value)`` with
+        ``kind`` the frame's byte (``ord("P")``...) and ``value`` the pid
+        (``P``), a piece of output (``O``, ``E``) or the checked object
+        (``X``, ``!``, ``S``)."""
         if self.done:
             return NEED_DATA
         buf = self._buf
@@ -841,13 +862,13 @@ class ReplyParser:
                 self._remaining = remaining = remaining - take
                 if not remaining:
                     self._kind = 0
-                return Output(1 if kind == _O else 2, piece)
+                return kind, piece
             if len(buf) < remaining:
                 return self._need_data()
             piece = bytes(buf[:remaining])
             del buf[:remaining]
-            self._kind, self._remaining = 0, 0
-            return self._small_frame(kind, piece)
+            self._kind = self._remaining = 0
+            return kind, self._small_frame(kind, piece)
 
     def _need_data(self) -> Any:
         if self._eof:
@@ -866,7 +887,7 @@ class ReplyParser:
             if len(buf) >= _MAX_HEADER or not _PARTIAL_HEADER.fullmatch(buf):
                 raise RemoteProtocolError("malformed frame header from the server")
             return 0
-        digits = bytes(buf[2:end])
+        digits = buf[2:end]
         if buf[1] != 0x20 or not digits.isdigit() or (digits[0] == 0x30 and len(digits) > 1):
             raise RemoteProtocolError("malformed frame header from the server")
         length = int(digits)
@@ -881,28 +902,23 @@ class ReplyParser:
         return kind
 
     def _small_frame(self, kind: int, piece: bytes) -> Any:
-        """The event of a whole ``P``, ``X``, ``!`` or ``S`` frame."""
+        """The value of a whole ``P`` (the pid), ``X``, ``!`` or ``S`` frame
+        (the object, checked)."""
         if kind == _P:
             if not (piece.isdigit() and piece[0] != 0x30 and len(piece) <= 19):
                 raise RemoteProtocolError(f"invalid process id {piece[:32]!r} in a P frame")
             self.pid = int(piece)
-            return Started(self.pid)
-        name = bytes((kind,))
-        obj = _reply_object(name, piece)
+            return self.pid
+        obj = _reply_object(kind, piece)
         self.done = True
         self._buf.clear()
         if kind == _X:
-            code = obj.get("returncode")
-            reason = obj.get("reason")
-            if isinstance(code, bool) or not isinstance(code, int) or not isinstance(reason, str):
+            # json gives exact types: a bool is no int here, as the protocol wants.
+            if type(obj.get("returncode")) is not int or type(obj.get("reason")) is not str:
                 raise RemoteProtocolError("an X frame needs an integer returncode and a reason")
-            return Exited(code, reason, obj)
-        if kind == _BANG:
-            error = obj.get("error")
-            if not isinstance(error, str):
-                raise RemoteProtocolError("a ! frame needs an error code")
-            return Failed(error, str(obj.get("message", "")), obj)
-        return StatusReply(obj)
+        elif kind == _BANG and not isinstance(obj.get("error"), str):
+            raise RemoteProtocolError("a ! frame needs an error code")
+        return obj
 
 
 #: The json module's own scanner (C when available): a reply object in the
@@ -911,7 +927,7 @@ class ReplyParser:
 _scan_once = json.JSONDecoder().scan_once
 
 
-def _reply_object(kind: bytes, payload: bytes) -> Dict[str, Any]:
+def _reply_object(kind: int, payload: bytes) -> Dict[str, Any]:
     try:
         text = payload.decode("utf-8")
         try:
@@ -921,7 +937,7 @@ def _reply_object(kind: bytes, payload: bytes) -> Dict[str, Any]:
         if end != len(text):
             obj = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise RemoteProtocolError(f"the {kind.decode()} frame is not a JSON object: {exc}") from None
-    if not isinstance(obj, dict):
-        raise RemoteProtocolError(f"the {kind.decode()} frame is not a JSON object")
+        raise RemoteProtocolError(f"the {chr(kind)} frame is not a JSON object: {exc}") from None
+    if type(obj) is not dict:
+        raise RemoteProtocolError(f"the {chr(kind)} frame is not a JSON object")
     return obj

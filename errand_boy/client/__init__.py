@@ -150,11 +150,12 @@ def run_cmd(
     Popen's. Output is bytes, or str in text mode; a str ``input`` is
     encoded as UTF-8 unless in text mode.
     """
-    if _fast.usable(options, PIPE, PIPE, PIPE):
+    wire = _fast.usable(options, PIPE, PIPE, PIPE)
+    if wire is not None:  # the common case, done leanly (same result)
         data = _fast.input_bytes(input)
         if data is not None:
             target = _target(cmd, options.get("shell"))
-            done = _fast.run_cmd(cmd, target, data, socket_path, options.get("trusted_uids"))
+            done = _fast.run_cmd(cmd, target, wire, data, socket_path, options.get("trusted_uids"))
             if done is not None:
                 return done
     process = Popen(cmd, socket_path=socket_path, _input=b"" if input is None else input, **options)
@@ -185,12 +186,14 @@ def run(
     :class:`subprocess.CalledProcessError`. ``options`` are Popen's.
     """
     stdin, stdout, stderr = _run_streams(input, capture_output, stdin, stdout, stderr)
-    if timeout is None and _fast.usable(options, stdin, stdout, stderr):
+    wire = None if timeout is not None else _fast.usable(options, stdin, stdout, stderr)
+    if wire is not None:  # the common case, done leanly (same result)
         data = _fast.input_bytes(input)
         if data is not None:
             target = _target(args, options.get("shell"))
             streams = (stdin, stdout, stderr)
-            done = _fast.run(args, target, streams, data, check, socket_path, options.get("trusted_uids"))
+            trusted_uids = options.get("trusted_uids")
+            done = _fast.run(args, target, streams, wire, data, check, socket_path, trusted_uids)
             if done is not None:
                 return done
     process = Popen(

@@ -35,6 +35,9 @@ from ._io import INPUT_FRAME_SIZE, _BytesSource, _discard, _file_sink, _Sink, _S
 #: buffers take it whole, so it cannot block while output waits unread.
 EARLY_INPUT_LIMIT = 64 * 1024
 
+NEED_DATA = protocol.NEED_DATA
+_P, _O, _E, _X, _BANG, _S = b"POEX!S"  # the reply's frame kinds, as ReplyParser.next_frame gives them
+
 #: Socket paths whose server answered a descriptor request as revision 1 does.
 REVISION_ONE: Set[str] = set()
 
@@ -223,36 +226,37 @@ class CommandCore:
         self._parser.payload_received(count)
 
     def _act(self) -> None:
-        next_event, sinks = self._parser.next_event, self._sinks
-        Output, NEED_DATA = protocol.Output, protocol.NEED_DATA
+        # Frames, not event objects: this runs for every reply of every client.
+        next_frame, sinks = self._parser.next_frame, self._sinks
         run = self.op == "run"
         while True:
             try:
-                event = next_event()
+                got = next_frame()
             except RemoteProtocolError as exc:
                 self.fail(protocol_broken(self.socket_path, exc))
                 return
-            if type(event) is Output and run:
-                sinks[event.fd](event.data)
-            elif event is NEED_DATA:
+            if got is NEED_DATA:
                 return
-            else:
-                self._on_event(event)
-                if self.finished:
-                    return
+            kind, value = got
+            if (kind == _O or kind == _E) and run:
+                sinks[1 if kind == _O else 2](value)
+                continue
+            self._on_frame(kind, value)
+            if self.finished:
+                return
 
-    def _on_event(self, event: Any) -> None:
-        if isinstance(event, protocol.Failed):
-            self.fail(error_from_frame(event.info))
-        elif isinstance(event, protocol.StatusReply) and self.op == "status":
-            self.status = event.info
+    def _on_frame(self, kind: int, value: Any) -> None:
+        if kind == _BANG:
+            self.fail(error_from_frame(value))
+        elif kind == _S and self.op == "status":
+            self.status = value
             self.finished = True
         elif self.op == "status":
             self._broken("a status request answered without an S frame")
-        elif isinstance(event, protocol.Started):
-            self.pid = event.pid
-        elif isinstance(event, protocol.Exited):
-            self.returncode, self.reason, self.info = event.returncode, event.reason, event.info
+        elif kind == _P:
+            self.pid = value
+        elif kind == _X:
+            self.returncode, self.reason, self.info = value["returncode"], value["reason"], value
             self.finished = True
         else:
             self._broken("a status reply to a run request")

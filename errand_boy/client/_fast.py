@@ -39,7 +39,6 @@ from ..exceptions import ErrandBoyError, ServerUnavailable
 from . import _fds
 from ._command import _Command
 from ._core import REVISION_ONE, CommandCore, Launch
-from ._exchange import PipeExchange
 from ._launch import status_or_none
 from ._request import default_request
 from ._trust import check_peer, trusted_uids_from
@@ -58,20 +57,42 @@ _Streams = Tuple[Any, Any, Any]
 _Output = Dict[int, Optional[List[bytes]]]
 
 
-def _plain(target: Any, *allowed: int) -> bool:
-    return target is None or (type(target) is int and target in allowed)
+#: The streams the fast path takes (``None`` too), and their wire values.
+_STDIN = {PIPE: "fd", DEVNULL: "null"}
+_STDOUT = _STDIN
+_STDERR = {PIPE: "fd", DEVNULL: "null", STDOUT: "stdout"}
 
 
-def usable(options: Dict[str, Any], stdin: Any, stdout: Any, stderr: Any) -> bool:
-    """Whether a call with these options and streams may take the fast path."""
-    return (
-        options.keys() <= _OPTIONS
-        and _plain(stdin, PIPE, DEVNULL)
-        and _plain(stdout, PIPE, DEVNULL)
-        and _plain(stderr, PIPE, DEVNULL, STDOUT)
-        and getattr(select, "poll", None) is not None
-        and not _fds._green()
-    )
+def _wire_value(target: Any, choices: Dict[int, str]) -> Optional[str]:
+    if target is None:
+        return "fd"  # inheritance: our own descriptor
+    return choices.get(target) if type(target) is int else None
+
+
+def usable(options: Dict[str, Any], stdin: Any, stdout: Any, stderr: Any) -> Optional[Dict[str, str]]:
+    """The streams' wire values when a call with these options and streams
+    may take the fast path, else None."""
+    if options and not options.keys() <= _OPTIONS:
+        return None
+    if _fds._green() or getattr(select, "poll", None) is None:
+        return None
+    key = (stdin, stdout, stderr)
+    wire = _WIRES.get(key) if all(map(_hashable, key)) else None
+    if wire is None:
+        values = (_wire_value(stdin, _STDIN), _wire_value(stdout, _STDOUT), _wire_value(stderr, _STDERR))
+        if None in values:
+            return None
+        wire = _WIRES[key] = dict(zip(("stdin", "stdout", "stderr"), values))  # type: ignore[arg-type]
+    return wire
+
+
+def _hashable(target: Any) -> bool:
+    return target is None or type(target) is int
+
+
+#: The wire values of the stream choices seen (a handful at most: keys are
+#: None or ints among PIPE, DEVNULL and STDOUT).
+_WIRES: Dict[Tuple[Any, Any, Any], Dict[str, str]] = {}
 
 
 def input_bytes(input: Union[str, bytes, None]) -> Optional[bytes]:
@@ -88,16 +109,6 @@ def input_bytes(input: Union[str, bytes, None]) -> Optional[bytes]:
     return data if len(data) <= INPUT_LIMIT else None
 
 
-def _wire(streams: _Streams) -> Dict[str, str]:
-    """The streams' wire values, as the general plan gives them."""
-    stdin, stdout, stderr = streams
-    return {
-        "stdin": "null" if stdin == DEVNULL else "fd",
-        "stdout": "null" if stdout == DEVNULL else "fd",
-        "stderr": "null" if stderr == DEVNULL else "stdout" if stderr == STDOUT else "fd",
-    }
-
-
 def _abandon(sock: Any, core: CommandCore) -> None:
     """As _Command.abandon: a K 9 frame if it goes at once, then close."""
     last = core.abandon()
@@ -111,8 +122,8 @@ def _abandon(sock: Any, core: CommandCore) -> None:
 
 
 def _call(
-    socket_path: Optional[str], target: Dict[str, Any], streams: _Streams, trusted_uids: Any, data: bytes,
-    keep: bool,
+    socket_path: Optional[str], target: Dict[str, Any], streams: _Streams, wire: Dict[str, str],
+    trusted_uids: Any, data: bytes, keep: bool,
 ) -> Optional[Tuple[CommandCore, _Output]]:  # fmt: skip
     """Run the command: its finished core and the output of its ``PIPE``
     streams; None to take the general path. ``keep``: an exception after
@@ -122,7 +133,7 @@ def _call(
     cwd = _fds.caller_cwd()
     if cwd is None or path in REVISION_ONE:
         return None
-    request = default_request(target, cwd, _wire(streams), _fds.environment_member())
+    request = default_request(target, cwd, wire, _fds.environment_member())
     if request is None:
         return None
     trusted = trusted_uids_from(trusted_uids)  # a bad setting fails before connecting
@@ -203,48 +214,60 @@ def _start(path: str, request: bytes, send: List[int], trusted: Any, core: Comma
     return sock
 
 
+def _receive(sock: Any, core: CommandCore) -> None:
+    """One blocking receive into the core; the socket is closed at the end of the reply."""
+    try:
+        core.receive_data(sock.recv(_RECV_SIZE))
+    except ConnectionResetError as exc:
+        core.connection_lost(exc)
+    if core.finished:
+        sock.close()
+
+
 def _wait(sock: Any, core: CommandCore, reading: Dict[int, List[bytes]]) -> None:
-    """Read the reply to its end and the output pipes in ``reading`` to
-    theirs (as communicate() does), in one poll, closing each at its end;
-    stop at once if the command never started (as the general path does)."""
+    """Wait for the command's start as the general path does (a blocking
+    receive: the server sends ``P`` whatever the command does with its
+    pipes), then read the rest of the reply and the output pipes in
+    ``reading`` to their end (as communicate() does) in one poll, closing
+    each pipe at its end. A command that never started ends it at once."""
+    while core.pid is None:
+        _receive(sock, core)
+        if core.finished:
+            if core.pid is None:
+                for fd in list(reading):
+                    del reading[fd]
+                    os.close(fd)
+                return
+            break
     poller = select.poll()
     for fd in reading:
         poller.register(fd, select.POLLIN)
-    sock_fd = sock.fileno()
-    poller.register(sock_fd, select.POLLIN)
-    replying = True
-    while replying or reading:
+    sock_fd = -1
+    if not core.finished:
+        sock_fd = sock.fileno()
+        poller.register(sock_fd, select.POLLIN)
+    while reading or not core.finished:
         for fd, _ in poller.poll():
-            if fd != sock_fd:
-                chunk = os.read(fd, _READ_SIZE)
-                if chunk:
-                    reading[fd].append(chunk)
-                else:
+            if fd == sock_fd:
+                _receive(sock, core)
+                if core.finished:
                     poller.unregister(fd)
-                    del reading[fd]
-                    os.close(fd)
                 continue
-            try:
-                core.receive_data(sock.recv(_RECV_SIZE))
-            except ConnectionResetError as exc:
-                core.connection_lost(exc)
-            if core.finished:
+            chunk = os.read(fd, _READ_SIZE)
+            if chunk:
+                reading[fd].append(chunk)
+            else:
                 poller.unregister(fd)
-                sock.close()
-                replying = False
-                if core.pid is None:
-                    for fd in list(reading):
-                        del reading[fd]
-                        os.close(fd)
-                    return
+                del reading[fd]
+                os.close(fd)
 
 
 def run(
-    args: Any, target: Dict[str, Any], streams: _Streams, data: bytes, check: bool,
+    args: Any, target: Dict[str, Any], streams: _Streams, wire: Dict[str, str], data: bytes, check: bool,
     socket_path: Optional[str], trusted_uids: Any,
 ) -> Optional[CompletedProcess[Any]]:  # fmt: skip
     """:func:`errand_boy.client.run` on the fast path (None: take the general one)."""
-    done = _call(socket_path, target, streams, trusted_uids, data, keep=False)
+    done = _call(socket_path, target, streams, wire, trusted_uids, data, keep=False)
     if done is None:
         return None
     core, output = done
@@ -258,25 +281,47 @@ def run(
 
 
 def run_cmd(
-    cmd: Any, target: Dict[str, Any], data: bytes, socket_path: Optional[str], trusted_uids: Any
-) -> Optional[Tuple[Popen, Any, Any]]:
+    cmd: Any, target: Dict[str, Any], wire: Dict[str, str], data: bytes, socket_path: Optional[str],
+    trusted_uids: Any,
+) -> Optional[Tuple[Popen, Any, Any]]:  # fmt: skip
     """:func:`errand_boy.client.run_cmd` on the fast path (None: take the general one)."""
-    done = _call(socket_path, target, (PIPE, PIPE, PIPE), trusted_uids, data, keep=True)
+    done = _call(socket_path, target, (PIPE, PIPE, PIPE), wire, trusted_uids, data, keep=True)
     if done is None:
         return None
     core, output = done
-    process = _finished_popen(cmd, _Command.finished_with(core), output, data)
-    return process, process._exchange.collected(1), process._exchange.collected(2)  # type: ignore[union-attr]
+    out, err = b"".join(output[1] or ()), b"".join(output[2] or ())
+    process = _FinishedPopen.__new__(_FinishedPopen)
+    process._finish(cmd, _Command.finished_with(core), data, out, err)
+    return process, out, err
 
 
 class _FinishedPopen(Popen):
-    """The Popen of a run_cmd() that took the fast path: as the general
-    path leaves it, with its (closed) stream objects made when first asked for."""
+    """The Popen of a run_cmd() that took the fast path, as the general
+    path leaves it after communicate(): the same attributes and answers
+    (another communicate() gives the output again, as subprocess's does),
+    with its closed stream objects made when first asked for."""
 
     _files: Optional[Tuple[Any, Any, Any]] = None
+    _wait_lock = threading.Lock()  # never taken: the returncode is known
+    text_mode = False
+    _communication_started = True
+    _fd_mode = True
+    _exchange = None
+
+    def _finish(self, cmd: Any, command: _Command, data: bytes, out: bytes, err: bytes) -> None:
+        self.args = cmd
+        self._command = command
+        self._pipe_input = data
+        self._output = (out, err)
+        self._returncode = command.core.result()
 
     def __repr__(self) -> str:
         return f"<Popen: returncode: {self.returncode} args: {self.args!r}>"
+
+    def _communicate_pipes(
+        self, input: Union[str, bytes, None], deadline: Optional[float], timeout: Optional[float]
+    ) -> Tuple[Optional[bytes], Optional[bytes]]:
+        return self._output
 
     def _closed_files(self) -> Tuple[Any, Any, Any]:
         files = self._files
@@ -317,21 +362,3 @@ class _FinishedPopen(Popen):
     @stderr.setter
     def stderr(self, value: Any) -> None:
         pass
-
-
-def _finished_popen(cmd: Any, command: _Command, output: _Output, data: bytes) -> Popen:
-    """What the general run_cmd() returns: a Popen after communicate()."""
-    process = _FinishedPopen.__new__(_FinishedPopen)
-    process.args = cmd
-    process._wait_lock = threading.Lock()
-    process.text_mode = False
-    process._communication_started = True
-    process._fd_mode = True
-    process._pipe_input = data
-    process._command = command
-    exchange = PipeExchange(command, {0: None, 1: None, 2: None}, b"")
-    exchange.output = {1: output[1] or [], 2: output[2] or []}
-    exchange._stdin_started = True
-    process._exchange = exchange
-    process._returncode = command.core.result()
-    return process
