@@ -176,6 +176,16 @@ def test_failures_are_the_same(paths: Paths, path: str, sock_dir: str) -> None:
     both(paths, lambda: client.run([], socket_path=path), taken=False)
 
 
+def test_a_server_default_timeout_is_the_same(paths: Paths, start_server: Any) -> None:
+    # The server kills a command that sets no timeout: run() raises
+    # TimeoutExpired with the output so far; run_cmd() reports it.
+    limited = start_server("--pool-size", "1", "--default-timeout", "0.5", name="limited").socket_path
+    result = both(paths, lambda: client.run("echo partial; sleep 30", capture_output=True, socket_path=limited))
+    assert result[1] is subprocess.TimeoutExpired and result[3]["output"] == b"partial\n", result
+    result = both(paths, lambda: client.run_cmd("echo partial; sleep 30", socket_path=limited))
+    assert result[1:3] == (b"partial\n", b"") and result[6] is True, result
+
+
 def test_untrusted_server_is_refused_before_a_byte(paths: Paths, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Our own server, seen as another user's: both paths refuse it alike.
     from errand_boy.client import _trust
@@ -340,6 +350,7 @@ def test_core_reads_replies_whole_bytewise_and_split(
         (b"P 05\r\n41234", None, "broke the protocol"),
         (b"X 4\r\nnull", None, "broke the protocol"),
         (b"X 3\r\n{}}", None, "broke the protocol"),
+        (protocol.frame(b"X", b'{"returncode": 3, "reason": "exit"} x'), None, "broke the protocol"),
     ],
 )
 def test_core_on_whole_frames(data: bytes, pid: Optional[int], error: Optional[str]) -> None:
