@@ -768,6 +768,7 @@ def _wire_bytes(value: Any, member: str) -> bytes:
 # plain byte operations (find, int) rather than regexes and a frame reader,
 # since it runs once per reply on every client's critical path.
 _P, _O, _E, _X, _BANG = b"POEX!"
+_OUTPUT_KINDS = frozenset((_O, _E))
 _REPLY_KINDS = frozenset(b"POEX!S")
 _PARTIAL_HEADER = re.compile(rb". ?[0-9]*\r?", re.DOTALL)
 
@@ -826,7 +827,7 @@ class ReplyParser:
         if got is NEED_DATA:
             return got
         kind, value = got
-        if kind == _O or kind == _E:
+        if kind in _OUTPUT_KINDS:
             return Output(1 if kind == _O else 2, value)
         if kind == _P:
             return Started(value)
@@ -850,7 +851,7 @@ class ReplyParser:
             if not kind:
                 return self._need_data()
             remaining = self._remaining
-            if kind == _O or kind == _E:
+            if kind in _OUTPUT_KINDS:
                 if not remaining:  # an empty O or E frame says nothing
                     self._kind = 0
                     continue
@@ -891,8 +892,7 @@ class ReplyParser:
         if buf[1] != 0x20 or not digits.isdigit() or (digits[0] == 0x30 and len(digits) > 1):
             raise RemoteProtocolError("malformed frame header from the server")
         length = int(digits)
-        streamed = kind == _O or kind == _E
-        limit = self._max_frame if streamed else MAX_SMALL_PAYLOAD
+        limit = self._max_frame if kind in _OUTPUT_KINDS else MAX_SMALL_PAYLOAD
         if length > limit:
             raise RemoteProtocolError(
                 f"a {chr(kind)} frame of {length} bytes exceeds the limit of {limit}", "too-large"
@@ -924,7 +924,7 @@ class ReplyParser:
 #: The json module's own scanner (C when available): a reply object in the
 #: compact form servers send is read without json.loads's wrapping; anything
 #: else (whitespace around it, an error) goes through json.loads itself.
-_scan_once = json.JSONDecoder().scan_once
+_scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def _reply_object(kind: int, payload: bytes) -> Dict[str, Any]:

@@ -98,7 +98,10 @@ def outcome(call: Callable[[], Any]) -> Any:
     if isinstance(result, subprocess.CompletedProcess):
         return "completed", result.args, result.returncode, result.stdout, result.stderr
     process, out, err = result
-    streams = [(type(s).__name__, s.closed, getattr(s, "mode", None)) for s in (process.stdin, process.stdout, process.stderr)]
+    streams = [
+        (type(s).__name__, s.closed, getattr(s, "mode", None))
+        for s in (process.stdin, process.stdout, process.stderr)
+    ]
     return (
         "run_cmd", out, err, process.args, process.returncode, process.reason, process.timed_out,
         _info(process.info), isinstance(process.pid, int) and process.pid > 0, streams, repr(process),
@@ -131,7 +134,7 @@ INPUTS: List[Any] = [None, b"", b"in\n", "str \u00e9 input", bytearray(b"array")
 @pytest.mark.parametrize(("cmd", "options"), COMMANDS, ids=repr)
 def test_run_cmd_fast_equals_general(paths: Paths, path: str, cmd: Any, options: Dict[str, Any]) -> None:
     for data in INPUTS:
-        both(paths, lambda: client.run_cmd(cmd, data, socket_path=path, **options))
+        both(paths, lambda data=data: client.run_cmd(cmd, data, socket_path=path, **options))
     transport = UNIXSocketTransport(path)
     both(paths, lambda: transport.run_cmd(cmd, b"via the transport", **options))
 
@@ -150,11 +153,18 @@ RUN_STREAMS: List[Dict[str, Any]] = [
 
 @pytest.mark.parametrize(("cmd", "options"), COMMANDS, ids=repr)
 @pytest.mark.parametrize("check", [False, True])
-def test_run_fast_equals_general(paths: Paths, path: str, cmd: Any, options: Dict[str, Any], check: bool) -> None:
+def test_run_fast_equals_general(
+    paths: Paths, path: str, cmd: Any, options: Dict[str, Any], check: bool
+) -> None:
     for streams in RUN_STREAMS:
-        both(paths, lambda: client.run(cmd, socket_path=path, check=check, **streams, **options))
+        both(paths, lambda s=streams: client.run(cmd, socket_path=path, check=check, **s, **options))
     for data in INPUTS:
-        both(paths, lambda: client.run(cmd, input=data, capture_output=True, socket_path=path, check=check, **options))
+        both(
+            paths,
+            lambda data=data: client.run(
+                cmd, input=data, capture_output=True, socket_path=path, check=check, **options
+            ),
+        )
 
 
 def test_failures_are_the_same(paths: Paths, path: str, sock_dir: str) -> None:
@@ -180,13 +190,17 @@ def test_a_server_default_timeout_is_the_same(paths: Paths, start_server: Any) -
     # The server kills a command that sets no timeout: run() raises
     # TimeoutExpired with the output so far; run_cmd() reports it.
     limited = start_server("--pool-size", "1", "--default-timeout", "0.5", name="limited").socket_path
-    result = both(paths, lambda: client.run("echo partial; sleep 30", capture_output=True, socket_path=limited))
+    result = both(
+        paths, lambda: client.run("echo partial; sleep 30", capture_output=True, socket_path=limited)
+    )
     assert result[1] is subprocess.TimeoutExpired and result[3]["output"] == b"partial\n", result
     result = both(paths, lambda: client.run_cmd("echo partial; sleep 30", socket_path=limited))
     assert result[1:3] == (b"partial\n", b"") and result[6] is True, result
 
 
-def test_untrusted_server_is_refused_before_a_byte(paths: Paths, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_untrusted_server_is_refused_before_a_byte(
+    paths: Paths, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Our own server, seen as another user's: both paths refuse it alike.
     from errand_boy.client import _trust
 
@@ -200,9 +214,11 @@ def test_untrusted_server_is_refused_before_a_byte(paths: Paths, path: str, monk
 
 def test_large_input_and_other_options_take_the_general_path(paths: Paths, path: str) -> None:
     big = b"y" * (_fast.INPUT_LIMIT + 1)
-    assert paths.fast(lambda: client.run_cmd("wc -c", big, socket_path=path), taken=False)[1] == b"%d\n" % len(big)
+    assert paths.fast(lambda: client.run_cmd("wc -c", big, socket_path=path), taken=False)[
+        1
+    ] == b"%d\n" % len(big)
     for options in ({"text": True}, {"cwd": "/"}, {"env": {"A": "1"}}, {"timeout": 30}, {"bufsize": 0}):
-        paths.fast(lambda: client.run_cmd("pwd", socket_path=path, **options), taken=False)
+        paths.fast(lambda o=options: client.run_cmd("pwd", socket_path=path, **o), taken=False)
     paths.fast(lambda: client.run("true", timeout=30, socket_path=path), taken=False)
     paths.fast(lambda: client.run("true", stdout=subprocess.PIPE, text=True, socket_path=path), taken=False)
     with tempfile.TemporaryFile() as file:
@@ -213,7 +229,9 @@ def test_large_input_and_other_options_take_the_general_path(paths: Paths, path:
     paths.fast(lambda: client.run_cmd("printf 'n\u00f6n-ascii'", socket_path=path), taken=False)
 
 
-def test_green_or_pollless_modules_take_the_general_path(paths: Paths, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_green_or_pollless_modules_take_the_general_path(
+    paths: Paths, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert _fast.usable({}, PIPE, PIPE, PIPE) is not None
     with monkeypatch.context() as patch:
         patch.setattr(socket.socket, "__module__", "gevent._socket3")
@@ -268,8 +286,10 @@ WIRES = [
 
 @pytest.mark.parametrize("target", TARGETS, ids=repr)
 @pytest.mark.parametrize("wire", WIRES, ids=lambda w: "-".join(w.values()))
-@pytest.mark.parametrize("cwd", ["/", "/tmp/a dir/\"q\"", "/work"])
-def test_default_request_is_the_general_encoders(target: Dict[str, Any], wire: Dict[str, str], cwd: str) -> None:
+@pytest.mark.parametrize("cwd", ["/", '/tmp/a dir/"q"', "/work"])
+def test_default_request_is_the_general_encoders(
+    target: Dict[str, Any], wire: Dict[str, str], cwd: str
+) -> None:
     env = _fds.environment_member()
     general = _fds.with_member(protocol.encode_request(**target, cwd=cwd, **wire), env)
     assert _request.default_request(target, cwd, wire, env) == general
@@ -344,8 +364,8 @@ def test_core_reads_replies_whole_bytewise_and_split(
     ("data", "pid", "error"),
     [
         (b"P 12\r\n", None, None),
-        (b"P 5\r\n41234X 36\r\n{\"returncode\": 3, \"reason\": \"exit\"}", 41234, None),
-        (b"P 5\r\n41234X 37\r\n {\"returncode\": 3, \"reason\": \"exit\"}", 41234, None),
+        (b'P 5\r\n41234X 36\r\n{"returncode": 3, "reason": "exit"}', 41234, None),
+        (b'P 5\r\n41234X 37\r\n {"returncode": 3, "reason": "exit"}', 41234, None),
         (b"P 5\r\n41234X 2\r\n{}", 41234, "broke the protocol"),
         (b"P 05\r\n41234", None, "broke the protocol"),
         (b"X 4\r\nnull", None, "broke the protocol"),

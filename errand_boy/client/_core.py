@@ -28,8 +28,8 @@ from .. import protocol
 from ..exceptions import BadRequest, ConnectionLost, RemoteProtocolError, error_from_frame
 from . import _fds
 from ._args import _output_plan, _stdin_plan
-from ._request import default_request
 from ._io import INPUT_FRAME_SIZE, _BytesSource, _discard, _file_sink, _Sink, _Source
+from ._request import default_request
 
 #: Input up to this size travels in the same send as the request: the socket
 #: buffers take it whole, so it cannot block while output waits unread.
@@ -37,6 +37,7 @@ EARLY_INPUT_LIMIT = 64 * 1024
 
 NEED_DATA = protocol.NEED_DATA
 _P, _O, _E, _X, _BANG, _S = b"POEX!S"  # the reply's frame kinds, as ReplyParser.next_frame gives them
+_OUTPUT_KINDS = frozenset((_O, _E))
 
 #: Socket paths whose server answered a descriptor request as revision 1 does.
 REVISION_ONE: Set[str] = set()
@@ -238,7 +239,7 @@ class CommandCore:
             if got is NEED_DATA:
                 return
             kind, value = got
-            if (kind == _O or kind == _E) and run:
+            if kind in _OUTPUT_KINDS and run:
                 sinks[1 if kind == _O else 2](value)
                 continue
             self._on_frame(kind, value)

@@ -95,7 +95,7 @@ def _hashable(target: Any) -> bool:
 _WIRES: Dict[Tuple[Any, Any, Any], Dict[str, str]] = {}
 
 
-def input_bytes(input: Union[str, bytes, None]) -> Optional[bytes]:
+def input_bytes(input: Any) -> Optional[bytes]:
     """The input as the general path encodes it (str: UTF-8), or None when
     it is too big (or not bytes-like) for the fast path."""
     if input is None:
@@ -230,15 +230,13 @@ def _wait(sock: Any, core: CommandCore, reading: Dict[int, List[bytes]]) -> None
     pipes), then read the rest of the reply and the output pipes in
     ``reading`` to their end (as communicate() does) in one poll, closing
     each pipe at its end. A command that never started ends it at once."""
-    while core.pid is None:
+    while core.pid is None and not core.finished:
         _receive(sock, core)
-        if core.finished:
-            if core.pid is None:
-                for fd in list(reading):
-                    del reading[fd]
-                    os.close(fd)
-                return
-            break
+    if core.pid is None:  # never started: the general path raises at once
+        for fd in list(reading):
+            del reading[fd]
+            os.close(fd)
+        return
     poller = select.poll()
     for fd in reading:
         poller.register(fd, select.POLLIN)
@@ -339,7 +337,7 @@ class _FinishedPopen(Popen):
                 stream.close()
         return files
 
-    @property  # type: ignore[override]
+    @property
     def stdin(self) -> Any:
         return self._closed_files()[0]
 
@@ -347,7 +345,7 @@ class _FinishedPopen(Popen):
     def stdin(self, value: Any) -> None:
         pass
 
-    @property  # type: ignore[override]
+    @property
     def stdout(self) -> Any:
         return self._closed_files()[1]
 
@@ -355,7 +353,7 @@ class _FinishedPopen(Popen):
     def stdout(self, value: Any) -> None:
         pass
 
-    @property  # type: ignore[override]
+    @property
     def stderr(self) -> Any:
         return self._closed_files()[2]
 

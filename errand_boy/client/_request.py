@@ -48,7 +48,9 @@ def _tail(cwd: str, wire: Dict[str, str]) -> bytes:
     tail = _tails.get(key)
     if tail is None:
         # The general encoder checks and encodes them (its errors are ours).
-        block = protocol.encode_request(argv=["-"], cwd=cwd, **wire)
+        block = protocol.encode_request(
+            argv=["-"], cwd=cwd, stdin=wire["stdin"], stdout=wire["stdout"], stderr=wire["stderr"]
+        )
         tail = block[len(protocol.MAGIC) + len(_PLACEHOLDER) : -len(protocol.TERMINATOR) - 1]
         if len(_tails) >= _MAX_TAILS:
             _tails.clear()
@@ -56,7 +58,9 @@ def _tail(cwd: str, wire: Dict[str, str]) -> bytes:
     return tail
 
 
-def default_request(target: Dict[str, Any], cwd: str, wire: Dict[str, str], env_member: bytes) -> Optional[bytes]:
+def default_request(
+    target: Dict[str, Any], cwd: str, wire: Dict[str, str], env_member: bytes
+) -> Optional[bytes]:
     """The command block for ``target`` in ``cwd`` with the streams ``wire``
     and the environment member ``env_member`` (``"env":{...}``): the bytes
     :func:`~errand_boy.protocol.encode_request` would give, with the member
