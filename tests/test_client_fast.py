@@ -371,6 +371,7 @@ def test_core_reads_replies_whole_bytewise_and_split(
         (b"X 4\r\nnull", None, "broke the protocol"),
         (b"X 3\r\n{}}", None, "broke the protocol"),
         (protocol.frame(b"X", b'{"returncode": 3, "reason": "exit"} x'), None, "broke the protocol"),
+        (protocol.error_frame("spawn-failed", "", errno=2**31), None, "cannot be read"),
     ],
 )
 def test_core_on_whole_frames(data: bytes, pid: Optional[int], error: Optional[str]) -> None:

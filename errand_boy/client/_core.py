@@ -248,7 +248,12 @@ class CommandCore:
 
     def _on_frame(self, kind: int, value: Any) -> None:
         if kind == _BANG:
-            self.fail(error_from_frame(value))
+            try:
+                error = error_from_frame(value)
+            except (ValueError, OverflowError, TypeError) as exc:  # e.g. an errno no C int holds
+                self._broken(f"a ! frame that cannot be read ({exc}): {value!r:.200}")
+            else:
+                self.fail(error)
         elif kind == _S and self.op == "status":
             self.status = value
             self.finished = True
