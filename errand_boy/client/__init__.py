@@ -87,7 +87,11 @@ to a daemon's command listed there with their reasons.
 The client never forks and never starts a thread. It uses plain blocking
 sockets and waits on sockets and pipes in selectors looked up at call time
 (reads of a pipe wait in one too when eventlet or gevent has patched the
-socket module), so monkey-patching makes it cooperative.
+socket module), so monkey-patching makes it cooperative. Unpatched, the
+common calls of :func:`run` and :func:`run_cmd` (bytes, standard streams
+that are ``PIPE``, ``None`` or ``DEVNULL``, small input, no timeout) take
+a shorter path with the same results: no stream objects, and one
+``select.poll`` (see :mod:`errand_boy.client._fast`).
 """
 
 from __future__ import annotations
