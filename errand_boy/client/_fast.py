@@ -137,32 +137,19 @@ def _call(
     if request is None:
         return None
     trusted = trusted_uids_from(trusted_uids)  # a bad setting fails before connecting
+    core = CommandCore(path)
+    # Connected first: the server wakes up to accept while the pipes are made.
+    sock = _connect(path, trusted, core)
     send: List[int] = []
     theirs: List[int] = []
     ours: Dict[int, int] = {}  # 1, 2: the read ends of the output pipes
     try:
-        for number, stream in enumerate(streams):
-            if stream is None:
-                send.append(number)  # inheritance: our own 0, 1 or 2
-            elif stream == PIPE:
-                read_end, write_end = os.pipe2(os.O_CLOEXEC)
-                if number:
-                    ours[number] = read_end
-                    theirs.append(write_end)
-                    send.append(write_end)
-                    continue
-                theirs.append(read_end)
-                send.append(read_end)
-                try:
-                    if data:
-                        os.write(write_end, data)  # an empty pipe: it fits at once
-                finally:
-                    os.close(write_end)  # the end of the input, after the data
-        core = CommandCore(path)
-        sock = _start(path, request, send, trusted, core)
+        _pipes(streams, data, send, theirs, ours)
+        _send(sock, request, send)
     except BaseException:
         for fd in ours.values():
             os.close(fd)
+        _abandon(sock, core)
         raise
     finally:
         for fd in theirs:
@@ -191,8 +178,8 @@ def _call(
     return core, output
 
 
-def _start(path: str, request: bytes, send: List[int], trusted: Any, core: CommandCore) -> Any:
-    """Connect, check the server, send the request with the descriptors."""
+def _connect(path: str, trusted: Any, core: CommandCore) -> Any:
+    """Connect and check the server, before a byte is sent."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # looked up now: see usable()
     try:
         sock.connect(path)
@@ -200,18 +187,45 @@ def _start(path: str, request: bytes, send: List[int], trusted: Any, core: Comma
         sock.close()
         raise ServerUnavailable(path, exc) from exc
     try:
-        check_peer(sock, path, trusted)  # before sending a byte
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", send).tobytes())]
-        try:
-            sent = sock.sendmsg([request], rights)
-            if sent < len(request):
-                sock.sendall(memoryview(request)[sent:])
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server may have answered already: its reply says why
+        check_peer(sock, path, trusted)
     except BaseException:
         _abandon(sock, core)
         raise
     return sock
+
+
+def _pipes(streams: _Streams, data: bytes, send: List[int], theirs: List[int], ours: Dict[int, int]) -> None:
+    """The descriptors to send (``send``: the command's pipe ends in
+    ``theirs``, our own 0, 1 or 2 for ``None``), and our ends of the output
+    pipes (``ours``); ``data`` is written into the stdin pipe, then closed."""
+    for number, stream in enumerate(streams):
+        if stream is None:
+            send.append(number)  # inheritance: our own 0, 1 or 2
+        elif stream == PIPE:
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            if number:
+                ours[number] = read_end
+                theirs.append(write_end)
+                send.append(write_end)
+                continue
+            theirs.append(read_end)
+            send.append(read_end)
+            try:
+                if data:
+                    os.write(write_end, data)  # an empty pipe: it fits at once
+            finally:
+                os.close(write_end)  # the end of the input, after the data
+
+
+def _send(sock: Any, request: bytes, send: List[int]) -> None:
+    """The request, with the descriptors in one SCM_RIGHTS message."""
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", send).tobytes())]
+    try:
+        sent = sock.sendmsg([request], rights)
+        if sent < len(request):
+            sock.sendall(memoryview(request)[sent:])
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server may have answered already: its reply says why
 
 
 def _receive(sock: Any, core: CommandCore) -> None:
