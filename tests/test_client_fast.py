@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
@@ -210,6 +211,46 @@ def test_untrusted_server_is_refused_before_a_byte(
     result = both(paths, lambda: client.run_cmd("true", socket_path=path))
     assert result[1].__name__ == "UntrustedServer"
     assert both(paths, lambda: client.run_cmd("true", socket_path=path, trusted_uids=[4242]))[0] == "run_cmd"
+
+
+def test_nothing_reaches_an_untrusted_server(
+    paths: Paths, sock_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A listener that keeps what it receives; its uid is made untrusted.
+    from errand_boy.client import _trust
+
+    monkeypatch.setattr(_trust, "peer_uid", lambda sock: 4242)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(sock_dir, "impostor"))
+    listener.listen(8)
+    received: List[bytes] = []
+
+    def serve() -> None:
+        for _ in range(4):
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while True:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                received.append(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        where = listener.getsockname()
+        for call in (
+            lambda: client.run_cmd("true", "input", socket_path=where),
+            lambda: client.run("true", capture_output=True, socket_path=where),
+        ):
+            result = both(paths, call)
+            assert result[1].__name__ == "UntrustedServer", result
+        thread.join(10)
+    finally:
+        listener.close()
+    assert received == [b"", b"", b"", b""]
 
 
 def test_large_input_and_other_options_take_the_general_path(paths: Paths, path: str) -> None:

@@ -137,23 +137,30 @@ def _call(
     if request is None:
         return None
     trusted = trusted_uids_from(trusted_uids)  # a bad setting fails before connecting
-    core = CommandCore(path)
     # Connected first: the server wakes up to accept while the pipes are made.
-    sock = _connect(path, trusted, core)
+    sock = _connect(path, trusted)
     send: List[int] = []
     theirs: List[int] = []
     ours: Dict[int, int] = {}  # 1, 2: the read ends of the output pipes
     try:
-        _pipes(streams, data, send, theirs, ours)
-        _send(sock, request, send)
+        try:
+            _pipes(streams, data, send, theirs, ours)
+        except BaseException:
+            sock.close()  # nothing was sent
+            raise
+        try:
+            _send(sock, request, send)
+        except BaseException:
+            _abandon(sock, CommandCore(path))
+            raise
     except BaseException:
         for fd in ours.values():
             os.close(fd)
-        _abandon(sock, core)
         raise
     finally:
         for fd in theirs:
             os.close(fd)
+    core = CommandCore(path)  # made while the server spawns the command
     reading: Dict[int, List[bytes]] = {fd: [] for fd in ours.values()}  # the pipes not at their end
     output: _Output = {n: reading[ours[n]] if n in ours else None for n in (1, 2)}
     try:
@@ -178,8 +185,8 @@ def _call(
     return core, output
 
 
-def _connect(path: str, trusted: Any, core: CommandCore) -> Any:
-    """Connect and check the server, before a byte is sent."""
+def _connect(path: str, trusted: Any) -> Any:
+    """Connect and check the server; closed without a byte sent if it fails."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # looked up now: see usable()
     try:
         sock.connect(path)
@@ -189,7 +196,7 @@ def _connect(path: str, trusted: Any, core: CommandCore) -> Any:
     try:
         check_peer(sock, path, trusted)
     except BaseException:
-        _abandon(sock, core)
+        sock.close()
         raise
     return sock
 
