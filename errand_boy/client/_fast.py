@@ -5,23 +5,26 @@ file objects over the pipes, and waits in a selector, as a caller of
 ``Popen`` needs. A call of :func:`~errand_boy.client.run` or
 :func:`~errand_boy.client.run_cmd` never sees those objects, so in the
 common case this module does the same exchange directly, as a bare socket
-client would: the request from cached parts (:mod:`._request`), the pipes,
-the input written into the empty stdin pipe before the request goes, the
-server's credentials checked before a byte is sent (:func:`._trust.check_peer`),
-and one ``poll`` over the output pipes and the socket. The reply is read by
-the same :class:`~._core.CommandCore` as everywhere, so its errors are the
-general path's.
+client would: the request from cached parts (:mod:`._request`); the
+connection, and the server's credentials checked before a byte is sent
+(:func:`._trust.check_peer`); the pipes, with the input written into the
+empty stdin pipe; the request; a blocking receive until the command
+started (``P``), as the general path waits; then one ``poll`` over the
+output pipes and the socket. The reply is read by the same
+:class:`~._core.CommandCore` as everywhere, so its errors are the general
+path's.
 
 It is taken only when its result is exactly the general path's: bytes mode
 (no ``text``/``encoding``), streams that are ``PIPE``, ``None`` or
 ``DEVNULL`` (``STDOUT`` for stderr), input that an empty pipe takes in one
 write (at most ``PIPE_BUF`` bytes), no timeout, descriptors (not frames,
-not a server known to speak revision 1), a plain ASCII command and working
-directory, and a socket module and ``select.poll`` that nothing has
-monkey-patched (green threads take the general path, whose waits are
-cooperative). Anything else returns None before a connection is made, and
-the caller takes the general path. A revision-1 server is detected as
-there, and the general path then starts the command with frames.
+not a server known to speak revision 1), a command that is an ASCII str
+(or a list of them), the caller's working directory and environment, and
+a socket module and ``select.poll`` that nothing has monkey-patched (green
+threads take the general path, whose waits are cooperative). Anything else
+returns None before a connection is made, and the caller takes the general
+path. A revision-1 server is detected as there (a ``bad-request`` before
+the start, then its status), and the general path then uses frames.
 """
 
 from __future__ import annotations
