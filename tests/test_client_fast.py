@@ -270,6 +270,13 @@ def test_large_input_and_other_options_take_the_general_path(paths: Paths, path:
     paths.fast(lambda: client.run_cmd("printf 'n\u00f6n-ascii'", socket_path=path), taken=False)
 
 
+def test_streams_equal_to_ours_but_not_ints_are_refused_alike(paths: Paths, path: str) -> None:
+    assert _fast.usable({}, PIPE, PIPE, PIPE) is not None  # cached: a float equal to -1 must not hit it
+    for streams in ({"stdin": -1.0}, {"stdout": float(PIPE)}, {"stderr": float(STDOUT)}, {"stdout": True}):
+        result = both(paths, lambda s=streams: client.run("true", socket_path=path, **s), taken=False)
+        assert result[0] == "raised", result
+
+
 def test_green_or_pollless_modules_take_the_general_path(
     paths: Paths, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
