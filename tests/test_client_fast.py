@@ -271,9 +271,15 @@ def test_large_input_and_other_options_take_the_general_path(paths: Paths, path:
 
 
 def test_streams_equal_to_ours_but_not_ints_are_refused_alike(paths: Paths, path: str) -> None:
-    assert _fast.usable({}, PIPE, PIPE, PIPE) is not None  # cached: a float equal to -1 must not hit it
-    for streams in ({"stdin": -1.0}, {"stdout": float(PIPE)}, {"stderr": float(STDOUT)}, {"stdout": True}):
-        result = both(paths, lambda s=streams: client.run("true", socket_path=path, **s), taken=False)
+    # -1.0 == PIPE and True == 1: the cache of wire values must not take them for ours.
+    for streams in (
+        (float(PIPE), None, None), (None, float(PIPE), None), (None, None, float(STDOUT)),
+        (None, float(DEVNULL), None), (None, True, None),
+    ):  # fmt: skip
+        like = tuple(None if s is None else int(s) for s in streams)
+        _fast.usable({}, *like)  # the int streams' wire values are cached
+        kwargs = dict(zip(("stdin", "stdout", "stderr"), streams))
+        result = both(paths, lambda k=kwargs: client.run("true", socket_path=path, **k), taken=False)
         assert result[0] == "raised", result
 
 
