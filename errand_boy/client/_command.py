@@ -53,6 +53,15 @@ class _Command:
             routes[fd] = self.queues[fd].append if sink is None else sink
         self.core = CommandCore(socket_path, routes, op)
 
+    @classmethod
+    def finished_with(cls, core: CommandCore) -> _Command:
+        """A command whose exchange ``core`` already completed elsewhere
+        (the fast path of run_cmd): no connection, nothing queued."""
+        command = cls.__new__(cls)
+        command.conn, command.source, command.core = None, None, core
+        command.queues = {1: deque(), 2: deque()}
+        return command
+
     # -- the core's result --------------------------------------------------
 
     @property

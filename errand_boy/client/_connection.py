@@ -16,7 +16,7 @@ import threading
 from typing import Any, Iterable, Optional, Sequence
 
 from ..exceptions import ServerUnavailable
-from ._trust import check_server, trusted_uids_from
+from ._trust import check_peer, trusted_uids_from
 
 #: Bytes asked of the socket per receive outside an output payload (and per
 #: payload piece that is queued). Not more: the parser copies what it is fed
@@ -57,7 +57,7 @@ class _Connection:
             sock.close()
             raise ServerUnavailable(socket_path, exc) from exc
         try:
-            check_server(sock, socket_path, trusted_uids)  # before sending a byte
+            check_peer(sock, socket_path, trusted_uids)  # before sending a byte
         except BaseException:
             sock.close()
             raise

@@ -29,10 +29,15 @@ from ..exceptions import BadRequest, ConnectionLost, RemoteProtocolError, error_
 from . import _fds
 from ._args import _output_plan, _stdin_plan
 from ._io import INPUT_FRAME_SIZE, _BytesSource, _discard, _file_sink, _Sink, _Source
+from ._request import default_request
 
 #: Input up to this size travels in the same send as the request: the socket
 #: buffers take it whole, so it cannot block while output waits unread.
 EARLY_INPUT_LIMIT = 64 * 1024
+
+NEED_DATA = protocol.NEED_DATA
+_P, _O, _E, _X, _BANG, _S = b"POEX!S"  # the reply's frame kinds, as ReplyParser.next_frame gives them
+_OUTPUT_KINDS = frozenset((_O, _E))
 
 #: Socket paths whose server answered a descriptor request as revision 1 does.
 REVISION_ONE: Set[str] = set()
@@ -134,6 +139,11 @@ class Launch:
         return True
 
     def _request(self, wire: Dict[str, str], pass_fds: Sequence[int]) -> bytes:
+        default = self.env is None and not self.server_env and self.timeout is None and not pass_fds
+        if default and type(self.cwd) is str:  # the common case, from cached parts
+            request = default_request(self.target, self.cwd, wire, _fds.environment_member())
+            if request is not None:
+                return request
         request = protocol.encode_request(
             **self.target, cwd=self.cwd, env=self.env, timeout=self.timeout, pass_fds=pass_fds, **wire
         )
@@ -217,36 +227,42 @@ class CommandCore:
         self._parser.payload_received(count)
 
     def _act(self) -> None:
-        next_event, sinks = self._parser.next_event, self._sinks
-        Output, NEED_DATA = protocol.Output, protocol.NEED_DATA
+        # Frames, not event objects: this runs for every reply of every client.
+        next_frame, sinks = self._parser.next_frame, self._sinks
         run = self.op == "run"
         while True:
             try:
-                event = next_event()
+                got = next_frame()
             except RemoteProtocolError as exc:
                 self.fail(protocol_broken(self.socket_path, exc))
                 return
-            if type(event) is Output and run:
-                sinks[event.fd](event.data)
-            elif event is NEED_DATA:
+            if got is NEED_DATA:
                 return
-            else:
-                self._on_event(event)
-                if self.finished:
-                    return
+            kind, value = got
+            if kind in _OUTPUT_KINDS and run:
+                sinks[1 if kind == _O else 2](value)
+                continue
+            self._on_frame(kind, value)
+            if self.finished:
+                return
 
-    def _on_event(self, event: Any) -> None:
-        if isinstance(event, protocol.Failed):
-            self.fail(error_from_frame(event.info))
-        elif isinstance(event, protocol.StatusReply) and self.op == "status":
-            self.status = event.info
+    def _on_frame(self, kind: int, value: Any) -> None:
+        if kind == _BANG:
+            try:
+                error = error_from_frame(value)
+            except (ValueError, OverflowError, TypeError) as exc:  # e.g. an errno no C int holds
+                self._broken(f"a ! frame that cannot be read ({exc}): {value!r:.200}")
+            else:
+                self.fail(error)
+        elif kind == _S and self.op == "status":
+            self.status = value
             self.finished = True
         elif self.op == "status":
             self._broken("a status request answered without an S frame")
-        elif isinstance(event, protocol.Started):
-            self.pid = event.pid
-        elif isinstance(event, protocol.Exited):
-            self.returncode, self.reason, self.info = event.returncode, event.reason, event.info
+        elif kind == _P:
+            self.pid = value
+        elif kind == _X:
+            self.returncode, self.reason, self.info = value["returncode"], value["reason"], value
             self.finished = True
         else:
             self._broken("a status reply to a run request")

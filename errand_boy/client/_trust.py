@@ -26,8 +26,9 @@ TRUSTED_UIDS_ENV = "ERRAND_BOY_TRUSTED_UIDS"
 
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
-#: The last value of the environment variable and what it parsed to.
-_env_cache: Tuple[Optional[str], FrozenSet[int]] = (None, frozenset())
+#: The last value of the environment variable (as os.environ keeps it) and
+#: what it parsed to.
+_env_cache: Tuple[Any, FrozenSet[int]] = (None, frozenset())
 
 
 def _uid(value: Any, where: str) -> int:
@@ -48,10 +49,11 @@ def trusted_uids_from(trusted_uids: Optional[Iterable[int]]) -> FrozenSet[int]:
         if isinstance(trusted_uids, (str, bytes, int)):
             raise InvalidSetting(f"trusted_uids must be an iterable of user ids, not {trusted_uids!r}")
         return frozenset(_uid(uid, "trusted_uids") for uid in trusted_uids)
-    raw = os.environ.get(TRUSTED_UIDS_ENV)
-    cached_raw, cached = _env_cache
-    if raw == cached_raw:
+    kept = _environ_value()
+    cached_value, cached = _env_cache
+    if kept == cached_value:
         return cached
+    raw = os.fsdecode(kept) if isinstance(kept, bytes) else kept
     uids = set()
     for part in (raw or "").split(","):
         part = part.strip()
@@ -64,8 +66,21 @@ def trusted_uids_from(trusted_uids: Optional[Iterable[int]]) -> FrozenSet[int]:
             )
         uids.add(int(part))
     result = frozenset(uids)
-    _env_cache = (raw, result)
+    _env_cache = (kept, result)
     return result
+
+
+_ENV_KEY = os.fsencode(TRUSTED_UIDS_ENV)
+
+
+def _environ_value() -> Any:
+    """The variable's value as os.environ keeps it (None: unset), looked up
+    without the KeyError that ``os.environ.get`` raises inside for a
+    missing name: this runs before every connection."""
+    data = getattr(os.environ, "_data", None)  # CPython's mapping of bytes, on POSIX
+    if isinstance(data, dict):
+        return data.get(_ENV_KEY)
+    return os.environ.get(TRUSTED_UIDS_ENV)
 
 
 def peer_uid(sock: Any) -> int:
@@ -78,7 +93,11 @@ def check_server(sock: Any, socket_path: str, trusted_uids: Optional[Iterable[in
     """Raise :class:`~errand_boy.exceptions.UntrustedServer` unless the
     server on ``sock`` runs as root, as our effective user, or as a trusted
     user. Call it after connecting and before sending anything."""
-    trusted = trusted_uids_from(trusted_uids)
+    check_peer(sock, socket_path, trusted_uids_from(trusted_uids))
+
+
+def check_peer(sock: Any, socket_path: str, trusted: FrozenSet[int]) -> None:
+    """:func:`check_server` with ``trusted`` as :func:`trusted_uids_from` gave it."""
     uid = peer_uid(sock)
     if uid == 0 or uid == os.geteuid() or uid in trusted:
         return
