@@ -15,6 +15,7 @@ from errand_boy.transports.unixsocket import UNIXSocketTransport
 from .harness import (
     Measure,
     Run,
+    at_most,
     at_most_baseline,
     figure,
     in_threads,
@@ -25,6 +26,7 @@ from .harness import (
     timed,
 )
 from .server import server_has_option
+from .streaming import PeakSampler, _all_workers, _settled, total_pss_mib
 
 #: Commands that take longer than this are a failure, not a figure.
 COMMAND_TIMEOUT = 60.0
@@ -116,11 +118,13 @@ def _wave(runner: Callable[[str], bytes], count: int) -> float:
 
 @figure("concurrent1000")
 def concurrent1000(run: Run) -> List[Measure]:
-    """Wall time of 1000 concurrent ``sleep 1; echo N``, one client thread each.
+    """Wall time of 1000 concurrent ``sleep 1; echo N``, one client thread each,
+    and the server's PSS peak meanwhile.
 
     The client side is the same on both sides: 1000 threads released
     together, each running one command (``run_cmd`` or ``subprocess.run``)
-    and checking its output.
+    and checking its output. The PSS of the master and its workers is
+    sampled every 50 ms during errand-boy's waves (as for streaming).
     """
     count = run.count(1000, 100)
     repeats = run.repeat(2)
@@ -128,23 +132,41 @@ def concurrent1000(run: Run) -> List[Measure]:
 
     with run.server(*extra) as server:
         transport = server.transport
+        pids = _all_workers(server)
+        for _ in range(20):  # warm-up: every worker has run a command
+            transport.run_cmd("true")
+        rest = _settled(lambda: total_pss_mib(pids))
+        peaks: List[float] = []
 
         def errand(cmd: str) -> bytes:
             process, out, err = transport.run_cmd(cmd, timeout=COMMAND_TIMEOUT)
             return bytes(out) if process.returncode == 0 else b"failed: " + err
 
+        def errand_wave() -> float:
+            with PeakSampler(pids) as sampler:
+                wall = _wave(errand, count)
+            peaks.append(sampler.peak)
+            return wall
+
         def local(cmd: str) -> bytes:
             proc = local_run(cmd)
             return proc.stdout if proc.returncode == 0 else b"failed: " + proc.stderr
 
-        errand_walls, local_walls = interleave(
-            lambda: _wave(errand, count), lambda: _wave(local, count), repeats
-        )
+        errand_walls, local_walls = interleave(errand_wave, lambda: _wave(local, count), repeats)
+        if server.pids() != pids:
+            raise RuntimeError(f"the server's processes changed during the figure: {pids} -> {server.pids()}")
     note = f"{repeats} interleaved waves of {count} threads, each one run_cmd | subprocess.run"
     note += "; server --max-concurrent " + str(count) if extra else "; server without --max-concurrent"
+    workers = len(pids) - 1
     return [
         Measure(
             f"wall time, {count} x `sleep 1; echo N`", "s", median(errand_walls), median(local_walls),
             at_most_baseline(), errand_walls, local_walls, note=note,
-        )
+        ),
+        Measure(
+            f"PSS peak, master + {workers} workers, {count} x `sleep 1; echo N`", "MiB", max(peaks), None,
+            at_most(60, "MiB"), peaks,
+            note=f"max over {repeats} waves, sampled every 50 ms; at rest before them: {rest:.1f} MiB",
+            extra={"rest_mib": rest, "pids": pids},
+        ),
     ]  # fmt: skip
