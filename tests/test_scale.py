@@ -1,0 +1,152 @@
+"""A thousand connections at once: all accepted, all served, each its own reply.
+
+Real server, real sockets: one test process drives every connection through
+a selector (no thread per client), speaking the simple form, and reads the
+replies with the raw client's frame splitter (docs/protocol.rst alone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import selectors
+import socket
+import time
+from typing import Dict, Iterator, List
+
+import pytest
+from procs import wait_for, zombie_children
+from rawclient import Frame, FrameSplitter
+
+pytestmark = pytest.mark.integration
+
+COUNT = 1000
+#: Generous: a wave of 1000 takes about 2 s on a quiet 2-CPU machine.
+WAVE_TIMEOUT = 60.0
+
+
+@pytest.fixture(autouse=True)
+def descriptors() -> Iterator[None]:
+    """Room for COUNT client sockets in this process (soft limit up to the hard one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = COUNT * 2 + 256
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.skip(f"the descriptor limit ({hard}) is below the {want} this test needs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def status(path: str) -> Dict[str, object]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(path)
+        sock.sendall(b'ERRAND/1 {"op":"status"}\r\n\r\n')
+        splitter = FrameSplitter()
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            splitter.feed(data)
+    frames = list(splitter.frames())
+    assert [kind for kind, _ in frames] == ["S"], frames
+    result: Dict[str, object] = json.loads(frames[0][1])
+    return result
+
+
+@contextlib.contextmanager
+def connections(path: str, count: int) -> Iterator[List[socket.socket]]:
+    """``count`` connected sockets (blocking connects: the backlog takes them all)."""
+    with contextlib.ExitStack() as stack:
+        socks = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            sock.connect(path)
+            socks.append(sock)
+        yield socks
+
+
+def exchange(socks: List[socket.socket], requests: List[bytes], timeout: float) -> List[List[Frame]]:
+    """Send each socket its request, then read every reply to its end, all at once."""
+    for sock, request in zip(socks, requests):
+        sock.sendall(request)  # (small: fits the empty socket buffer)
+        sock.setblocking(False)
+    splitters = [FrameSplitter() for _ in socks]
+    with selectors.DefaultSelector() as selector:
+        for index, sock in enumerate(socks):
+            selector.register(sock, selectors.EVENT_READ, index)
+        deadline = time.monotonic() + timeout
+        while selector.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{len(selector.get_map())} of {len(socks)} replies did not end in time")
+            for key, _ in selector.select(left):
+                data = socks[key.data].recv(65536)
+                if data:
+                    splitters[key.data].feed(data)
+                else:
+                    selector.unregister(key.fileobj)
+    return [list(splitter.frames()) for splitter in splitters]
+
+
+def simple(command: str) -> bytes:
+    return command.encode() + b"\r\n\r\n\r\n\r\n"
+
+
+def check_replies(replies: List[List[Frame]], outputs: List[bytes], codes: List[int]) -> None:
+    wrong = []
+    for index, frames in enumerate(replies):
+        kinds = "".join(kind for kind, _ in frames)
+        out = b"".join(payload for kind, payload in frames if kind == "O")
+        code = json.loads(frames[-1][1]).get("returncode") if kinds.endswith("X") else None
+        if kinds[:1] != "P" or out != outputs[index] or code != codes[index]:
+            wrong.append((index, frames))
+    assert not wrong, f"{len(wrong)} of {len(replies)} replies are wrong; the first: {wrong[:3]}"
+
+
+def worker_pids(path: str) -> List[int]:
+    pids = status(path)["worker_pids"]
+    assert isinstance(pids, list)
+    return [int(pid) for pid in pids]
+
+
+def test_1000_concurrent_commands_each_get_their_own_output_and_status(start_server) -> None:
+    """1000 commands run at once (each worker holds about 500 unreaped leaders
+    while they sleep): every one is accepted and started, and its reply
+    carries its own output and its own exit status."""
+    server = start_server("--pool-size", "2", "--max-concurrent", str(COUNT))
+    workers = worker_pids(server.socket_path)
+    outputs = [f"{i}\n".encode() for i in range(COUNT)]
+    codes = [i % 250 for i in range(COUNT)]
+    with connections(server.socket_path, COUNT) as socks:
+        requests = [simple(f"sleep 1; echo {i}; exit {code}") for i, code in enumerate(codes)]
+        replies = exchange(socks, requests, WAVE_TIMEOUT)
+    check_replies(replies, outputs, codes)
+    figures = status(server.socket_path)
+    assert figures["running"] == 0 and figures["served"] == COUNT, figures
+    assert worker_pids(server.socket_path) == workers  # no worker died on the way
+    assert wait_for(lambda: not zombie_children(workers), 10), zombie_children(workers)
+
+
+def test_1000_idle_connections_leave_the_server_serving(start_server) -> None:
+    """1000 connections that send nothing are all accepted and held; a new
+    client is served meanwhile, and each of the 1000 is served once it asks."""
+    server = start_server("--pool-size", "2", "--max-concurrent", str(COUNT), "--request-timeout", "120")
+    path = server.socket_path
+    before = int(status(path)["connections"])  # type: ignore[arg-type]
+    with connections(path, COUNT) as socks:
+        # Accepted, not just queued in the backlog (each status call counts itself too).
+        calls = [0]
+
+        def all_accepted() -> bool:
+            calls[0] += 1
+            return int(status(path)["connections"]) - before - calls[0] >= COUNT  # type: ignore[arg-type]
+
+        assert wait_for(all_accepted, 60, interval=0.1)
+        with connections(path, 1) as other:
+            check_replies(exchange(other, [simple("echo other")], 30), [b"other\n"], [0])
+        replies = exchange(socks, [simple(f"echo {i}") for i in range(COUNT)], WAVE_TIMEOUT)
+    check_replies(replies, [f"{i}\n".encode() for i in range(COUNT)], [0] * COUNT)
