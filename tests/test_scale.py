@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import selectors
 import socket
 import time
+from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
@@ -150,3 +152,44 @@ def test_1000_idle_connections_leave_the_server_serving(start_server) -> None:
             check_replies(exchange(other, [simple("echo other")], 30), [b"other\n"], [0])
         replies = exchange(socks, [simple(f"echo {i}") for i in range(COUNT)], WAVE_TIMEOUT)
     check_replies(replies, [f"{i}\n".encode() for i in range(COUNT)], [0] * COUNT)
+
+
+def _pss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Pss line in /proc/{pid}/smaps_rollup")
+
+
+def _settled_pss(pids: List[int]) -> int:
+    last = -1
+    for _ in range(50):
+        now = sum(_pss_kib(pid) for pid in pids)
+        if now == last:
+            break
+        last = now
+        time.sleep(0.1)
+    return last
+
+
+def test_running_commands_keep_no_copy_of_their_environment(start_server) -> None:
+    """The worker lets go of a request's environment once its command has
+    it: 100 running commands sent 128 KiB of environment each (12.5 MiB in
+    all), and the server's memory grows by far less."""
+    from errand_boy.transports.unixsocket import UNIXSocketTransport
+
+    count, size = 100, 128 * 1024
+    server = start_server("--pool-size", "1", "--max-concurrent", str(count))
+    transport = UNIXSocketTransport(server.socket_path)
+    pids = [server.pid, *worker_pids(server.socket_path)]
+    for _ in range(10):
+        transport.run_cmd("true")
+    rest = _settled_pss(pids)
+    env = dict(os.environ, **{f"ERRAND_BOY_BIG{i}": "x" * (size // 8) for i in range(8)})
+    with contextlib.ExitStack() as stack:
+        for _ in range(count):
+            process = stack.enter_context(transport.Popen(["sleep", "60"], env=env, timeout=60))
+            stack.callback(process.kill)
+        assert status(server.socket_path)["running"] == count
+        growth = _settled_pss(pids) - rest
+    assert growth < count * size / 1024 / 3, f"the server grew by {growth} KiB"
