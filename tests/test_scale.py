@@ -21,8 +21,6 @@ import pytest
 from procs import wait_for, zombie_children
 from rawclient import Frame, FrameSplitter
 
-pytestmark = pytest.mark.integration
-
 COUNT = 1000
 #: Generous: a wave of 1000 takes about 2 s on a quiet 2-CPU machine.
 WAVE_TIMEOUT = 60.0
@@ -115,6 +113,7 @@ def worker_pids(path: str) -> List[int]:
     return [int(pid) for pid in pids]
 
 
+@pytest.mark.integration
 def test_1000_concurrent_commands_each_get_their_own_output_and_status(start_server) -> None:
     """1000 commands run at once (each worker holds about 500 unreaped leaders
     while they sleep): every one is accepted and started, and its reply
@@ -133,11 +132,15 @@ def test_1000_concurrent_commands_each_get_their_own_output_and_status(start_ser
     assert wait_for(lambda: not zombie_children(workers), 10), zombie_children(workers)
 
 
+@pytest.mark.integration
 def test_1000_idle_connections_leave_the_server_serving(start_server) -> None:
-    """1000 connections that send nothing are all accepted and held; a new
-    client is served meanwhile, and each of the 1000 is served once it asks."""
+    """1000 connections that send nothing are all accepted and held, at a
+    small cost in memory (the issue's bound: 20 MiB); a new client is served
+    meanwhile, and each of the 1000 is served once it asks."""
     server = start_server("--pool-size", "2", "--max-concurrent", str(COUNT), "--request-timeout", "120")
     path = server.socket_path
+    pids = [server.pid, *worker_pids(path)]
+    rest = _settled_pss(pids)
     before = int(status(path)["connections"])  # type: ignore[arg-type]
     with connections(path, COUNT) as socks:
         # Accepted, not just queued in the backlog (each status call counts itself too).
@@ -148,6 +151,8 @@ def test_1000_idle_connections_leave_the_server_serving(start_server) -> None:
             return int(status(path)["connections"]) - before - calls[0] >= COUNT  # type: ignore[arg-type]
 
         assert wait_for(all_accepted, 60, interval=0.1)
+        growth = _settled_pss(pids) - rest
+        assert growth < 20 * 1024, f"1000 idle connections grew the server by {growth} KiB"
         with connections(path, 1) as other:
             check_replies(exchange(other, [simple("echo other")], 30), [b"other\n"], [0])
         replies = exchange(socks, [simple(f"echo {i}") for i in range(COUNT)], WAVE_TIMEOUT)
@@ -172,6 +177,7 @@ def _settled_pss(pids: List[int]) -> int:
     return last
 
 
+@pytest.mark.integration
 def test_running_commands_keep_no_copy_of_their_environment(start_server) -> None:
     """The worker lets go of a request's environment once its command has
     it: 100 running commands sent 128 KiB of environment each (12.5 MiB in
@@ -193,3 +199,11 @@ def test_running_commands_keep_no_copy_of_their_environment(start_server) -> Non
         assert status(server.socket_path)["running"] == count
         growth = _settled_pss(pids) - rest
     assert growth < count * size / 1024 / 3, f"the server grew by {growth} KiB"
+
+
+def test_connections_have_no_instance_dict() -> None:
+    """A worker holds a Connection per open connection: slots, not a dict
+    each (more than 30 attributes: Python gives each instance a dict of its own)."""
+    from errand_boy.server.connection import Connection
+
+    assert Connection.__dictoffset__ == 0

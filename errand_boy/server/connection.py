@@ -79,6 +79,16 @@ _RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
 
 
 class Connection(Flushable):
+    # A worker holds one per open connection (1000 idle ones are about 1.4
+    # MiB less without an instance dict each). An attribute added to the
+    # class must be named here.
+    __slots__ = (
+        "bytes_out", "child", "cpu", "drained", "fd", "fds", "leader", "loop", "out", "out_bytes",
+        "p_sent", "parser", "paused", "peer_pid", "peer_uid", "pid", "pipes_paused", "reading",
+        "request", "sock", "sock_mask", "splice_fd", "splice_left", "started", "state", "status",
+        "stdin_closing", "stdin_queue", "timed_out", "timers", "worker",
+    )  # fmt: skip
+
     def __init__(self, worker: Worker, sock: socket.socket, peer_uid: int, peer_pid: int) -> None:
         self.worker = worker
         self.loop = worker.loop
