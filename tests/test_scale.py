@@ -107,10 +107,17 @@ def check_replies(replies: List[List[Frame]], outputs: List[bytes], codes: List[
     assert not wrong, f"{len(wrong)} of {len(replies)} replies are wrong; the first: {wrong[:3]}"
 
 
-def worker_pids(path: str) -> List[int]:
-    pids = status(path)["worker_pids"]
-    assert isinstance(pids, list)
-    return [int(pid) for pid in pids]
+def worker_pids(path: str, count: int) -> List[int]:
+    """The pids of the server's ``count`` workers, once they have all registered."""
+    pids: List[int] = []
+
+    def registered() -> bool:
+        nonlocal pids
+        pids = [int(pid) for pid in status(path)["worker_pids"]]  # type: ignore[attr-defined]
+        return len(pids) == count
+
+    assert wait_for(registered, 15), pids
+    return pids
 
 
 @pytest.mark.integration
@@ -119,16 +126,17 @@ def test_1000_concurrent_commands_each_get_their_own_output_and_status(start_ser
     while they sleep): every one is accepted and started, and its reply
     carries its own output and its own exit status."""
     server = start_server("--pool-size", "2", "--max-concurrent", str(COUNT))
-    workers = worker_pids(server.socket_path)
+    workers = worker_pids(server.socket_path, 2)
     outputs = [f"{i}\n".encode() for i in range(COUNT)]
     codes = [i % 250 for i in range(COUNT)]
     with connections(server.socket_path, COUNT) as socks:
         requests = [simple(f"sleep 1; echo {i}; exit {code}") for i, code in enumerate(codes)]
         replies = exchange(socks, requests, WAVE_TIMEOUT)
     check_replies(replies, outputs, codes)
-    figures = status(server.socket_path)
-    assert figures["running"] == 0 and figures["served"] == COUNT, figures
-    assert worker_pids(server.socket_path) == workers  # no worker died on the way
+    # (A place is given back just after the reply has gone: wait for the last ones.)
+    assert wait_for(lambda: status(server.socket_path)["running"] == 0, 10)
+    assert status(server.socket_path)["served"] == COUNT
+    assert worker_pids(server.socket_path, 2) == workers  # no worker died on the way
     assert wait_for(lambda: not zombie_children(workers), 10), zombie_children(workers)
 
 
@@ -139,7 +147,7 @@ def test_1000_idle_connections_leave_the_server_serving(start_server) -> None:
     meanwhile, and each of the 1000 is served once it asks."""
     server = start_server("--pool-size", "2", "--max-concurrent", str(COUNT), "--request-timeout", "120")
     path = server.socket_path
-    pids = [server.pid, *worker_pids(path)]
+    pids = [server.pid, *worker_pids(path, 2)]
     rest = _settled_pss(pids)
     before = int(status(path)["connections"])  # type: ignore[arg-type]
     with connections(path, COUNT) as socks:
@@ -187,7 +195,7 @@ def test_running_commands_keep_no_copy_of_their_environment(start_server) -> Non
     count, size = 100, 128 * 1024
     server = start_server("--pool-size", "1", "--max-concurrent", str(count))
     transport = UNIXSocketTransport(server.socket_path)
-    pids = [server.pid, *worker_pids(server.socket_path)]
+    pids = [server.pid, *worker_pids(server.socket_path, 1)]
     for _ in range(10):
         transport.run_cmd("true")
     rest = _settled_pss(pids)
