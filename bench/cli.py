@@ -17,12 +17,21 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from . import bigclient, latency, streaming  # noqa: F401  (they register their figures)
+from . import bigclient, latency, scale, streaming  # noqa: F401  (they register their figures)
 from .harness import FIGURES, Run
 from .report import header, machine, notes, table, write_json
 from .server import REPO_ROOT
 
-ORDER = ["roundtrip", "concurrent16", "throughput", "capture", "concurrent1000", "memory", "bigclient"]
+ORDER = [
+    "roundtrip",
+    "concurrent16",
+    "throughput",
+    "capture",
+    "concurrent1000",
+    "idle1000",
+    "memory",
+    "bigclient",
+]
 DEFAULT_JSON = REPO_ROOT / "bench" / "results" / "latest.json"
 
 

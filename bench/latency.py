@@ -6,15 +6,18 @@ shell command: ``/bin/sh -c CMD``, with its output captured.
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import time
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 from errand_boy.transports.unixsocket import UNIXSocketTransport
 
 from .harness import (
     Measure,
     Run,
+    at_most,
     at_most_baseline,
     figure,
     in_threads,
@@ -25,6 +28,7 @@ from .harness import (
     timed,
 )
 from .server import server_has_option
+from .streaming import PeakSampler, _all_workers, _settled, total_pss_mib
 
 #: Commands that take longer than this are a failure, not a figure.
 COMMAND_TIMEOUT = 60.0
@@ -114,13 +118,55 @@ def _wave(runner: Callable[[str], bytes], count: int) -> float:
     return wall
 
 
+def raw_run(socket_path: str, cmd: str) -> bytes:
+    """``cmd`` through a bare socket in the simple form: its stdout, or b"failed: ..."
+
+    No client library: what the server costs without it (the command's
+    output comes through the server, in O frames).
+    """
+    data = bytearray()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(socket_path)
+        sock.sendall(cmd.encode() + b"\r\n\r\n\r\n\r\n")
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    out, pos, kind, payload = bytearray(), 0, b"", b""
+    while pos < len(data):  # frames: <kind> <length>\r\n<payload>
+        end = data.index(b"\r\n", pos)
+        kind, length = bytes(data[pos:end]).split(b" ")
+        payload = bytes(data[end + 2 : end + 2 + int(length)])
+        pos = end + 2 + int(length)
+        if kind == b"O":
+            out += payload
+    if kind == b"X" and json.loads(payload)["returncode"] == 0:
+        return bytes(out)
+    return b"failed: " + bytes(data[-200:])
+
+
+def _three_ways(calls: Tuple[Callable[[], float], ...], repeats: int) -> List[List[float]]:
+    """Each call ``repeats`` times, interleaved: A B C, C B A, A B C ..."""
+    results: List[List[float]] = [[] for _ in calls]
+    for i in range(repeats):
+        order = list(enumerate(calls))
+        for index, call in order if i % 2 == 0 else order[::-1]:
+            results[index].append(call())
+    return results
+
+
 @figure("concurrent1000")
 def concurrent1000(run: Run) -> List[Measure]:
-    """Wall time of 1000 concurrent ``sleep 1; echo N``, one client thread each.
+    """Wall time of 1000 concurrent ``sleep 1; echo N``, one client thread each,
+    and the server's PSS peak meanwhile.
 
     The client side is the same on both sides: 1000 threads released
     together, each running one command (``run_cmd`` or ``subprocess.run``)
-    and checking its output.
+    and checking its output. A third wave, interleaved with them, runs
+    the same commands from a bare socket (no client library), which tells
+    the server's part from the client's. The PSS of the master and its workers is
+    sampled every 50 ms during errand-boy's waves (as for streaming).
     """
     count = run.count(1000, 100)
     repeats = run.repeat(2)
@@ -128,23 +174,52 @@ def concurrent1000(run: Run) -> List[Measure]:
 
     with run.server(*extra) as server:
         transport = server.transport
+        pids = _all_workers(server)
+        for _ in range(20):  # warm-up: every worker has run a command
+            transport.run_cmd("true")
+        rest = _settled(lambda: total_pss_mib(pids))
+        peaks: List[float] = []
 
         def errand(cmd: str) -> bytes:
             process, out, err = transport.run_cmd(cmd, timeout=COMMAND_TIMEOUT)
             return bytes(out) if process.returncode == 0 else b"failed: " + err
 
+        def errand_wave() -> float:
+            with PeakSampler(pids) as sampler:
+                wall = _wave(errand, count)
+            peaks.append(sampler.peak)
+            return wall
+
         def local(cmd: str) -> bytes:
             proc = local_run(cmd)
             return proc.stdout if proc.returncode == 0 else b"failed: " + proc.stderr
 
-        errand_walls, local_walls = interleave(
-            lambda: _wave(errand, count), lambda: _wave(local, count), repeats
+        def raw(cmd: str) -> bytes:
+            return raw_run(server.socket_path, cmd)
+
+        errand_walls, raw_walls, local_walls = _three_ways(
+            (errand_wave, lambda: _wave(raw, count), lambda: _wave(local, count)), repeats
         )
+        if server.pids() != pids:
+            raise RuntimeError(f"the server's processes changed during the figure: {pids} -> {server.pids()}")
     note = f"{repeats} interleaved waves of {count} threads, each one run_cmd | subprocess.run"
     note += "; server --max-concurrent " + str(count) if extra else "; server without --max-concurrent"
+    workers = len(pids) - 1
     return [
         Measure(
             f"wall time, {count} x `sleep 1; echo N`", "s", median(errand_walls), median(local_walls),
             at_most_baseline(), errand_walls, local_walls, note=note,
-        )
+        ),
+        Measure(
+            f"wall time, {count} x the same from bare sockets", "s", median(raw_walls), median(local_walls),
+            None, raw_walls, local_walls,
+            note="no target: what the wall time is without the client library (the waves interleaved "
+            "with the two above)",
+        ),
+        Measure(
+            f"PSS peak, master + {workers} workers, {count} x `sleep 1; echo N`", "MiB", max(peaks), None,
+            at_most(60, "MiB"), peaks,
+            note=f"max over {repeats} waves, sampled every 50 ms; at rest before them: {rest:.1f} MiB",
+            extra={"rest_mib": rest, "pids": pids},
+        ),
     ]  # fmt: skip

@@ -66,3 +66,37 @@ def test_quick_bench_writes_json(tmp_path: Path) -> None:
             assert measure["met"] is _judge(measure), (name, measure)
             assert measure["ratio"] == pytest.approx(measure["errand_boy"] / measure["baseline"])
         assert f"{name} " in proc.stdout  # its row in the table
+
+
+def test_quick_scale_figures_report_memory(tmp_path: Path) -> None:
+    """concurrent1000 reports the server's PSS peak beside its wall times
+    (run_cmd, and bare sockets); idle1000 the PSS growth with connections
+    open, of both kinds."""
+    out = tmp_path / "results.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "concurrent1000,idle1000", "--json", str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    figures = json.loads(out.read_text())["figures"]
+    for name, result in figures.items():
+        assert result["error"] is None, (name, result["error"])
+        for measure in result["measures"]:
+            assert set(measure) >= MEASURE_KEYS, (name, measure)
+            assert measure["met"] is _judge(measure), (name, measure)
+    wall, raw, peak = figures["concurrent1000"]["measures"]
+    assert wall["unit"] == "s" and wall["target"] == "<= local"
+    assert raw["unit"] == "s" and raw["target"] is None and raw["errand_boy"] > 1 and raw["baseline"] > 1
+    assert peak["unit"] == "MiB" and peak["target"] == "<= 60 MiB"
+    # The peak is of the server's processes (more than a bare Python), not of nothing.
+    assert peak["rest_mib"] > 5 and peak["errand_boy"] > peak["rest_mib"] - 1, peak
+    idle = figures["idle1000"]["measures"]
+    assert [m["target"] for m in idle] == ["<= 20 MiB", "<= 20 MiB"]
+    assert "nothing sent" in idle[0]["metric"] and "running" in idle[1]["metric"]
+    for measure in idle:
+        rests = measure["rest_mib"]
+        assert len(rests) == len(measure["errand_boy_samples"]) >= 1, measure  # a fresh server each
+        assert measure["errand_boy"] >= 0 and all(rest > 5 for rest in rests), measure

@@ -39,6 +39,9 @@ class Leaders:
         self.cgroups: Optional[CommandCgroups] = None
         # Leaders not yet reaped -> their connections (None: aborted).
         self.held: Dict[Leader, Optional[Connection]] = {}
+        # The same leaders by pid: a SIGCHLD looks its child up here, in
+        # constant time however many commands run.
+        self.by_pid: Dict[int, Leader] = {}
         self.sweep_pending = False  # a SIGCHLD sweep stopped at a held leader
         self.sweep_timer: Optional[Any] = None
 
@@ -68,6 +71,7 @@ class Leaders:
         leader = conn.leader
         assert leader is not None
         self.held[leader] = conn
+        self.by_pid[leader.pid] = leader
         self.loop.register(leader.pidfd, IN, lambda mask: self.on_exit(leader))
 
     def on_exit(self, leader: Leader) -> None:
@@ -90,6 +94,7 @@ class Leaders:
             self.loop.unregister(leader.pidfd)
         result = leader.reap()
         del self.held[leader]
+        del self.by_pid[leader.pid]
         if self.sweep_pending:
             self.reap()  # the children it hid
         return result
@@ -123,7 +128,7 @@ class Leaders:
         in /proc.
         """
         self.sweep_pending = False
-        held: Optional[Dict[int, Leader]] = None
+        held = self.by_pid
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, _WAITED)
@@ -131,8 +136,6 @@ class Leaders:
                 return
             if info is None:
                 return
-            if held is None:
-                held = {leader.pid: leader for leader in self.held}
             leader = held.get(info.si_pid)
             if leader is None:
                 try:
@@ -142,7 +145,6 @@ class Leaders:
                 continue
             if not leader.exited:
                 self.on_exit(leader)  # ahead of its pidfd's event
-                held = None
                 if leader.reaped:
                     continue
             break
@@ -154,7 +156,7 @@ class Leaders:
         self.sweep_timer = None
         if not self.sweep_pending:
             return
-        keep = frozenset(leader.pid for leader in self.held)
+        keep = frozenset(self.by_pid)
         for pid in zombie_children(os.getpid(), keep):
             try:
                 os.waitpid(pid, os.WNOHANG)
@@ -165,7 +167,7 @@ class Leaders:
     def close(self, orphaned: bool) -> None:
         """At the worker's exit: kill the orphans it adopted and its cgroups
         (``orphaned``: the master is gone, remove the server's cgroups)."""
-        killed = kill_adopted(os.getpid(), frozenset(leader.pid for leader in self.held))
+        killed = kill_adopted(os.getpid(), frozenset(self.by_pid))
         if killed:
             log.info("killed %d processes left behind by commands", killed)
         if self.cgroups is not None:

@@ -54,6 +54,8 @@ class Flushable:
     events has been handled, so that frames queued by several events leave
     in one ``sendmsg``."""
 
+    __slots__ = ()
+
     def flush(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
