@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Set
 
 import pytest
 from adversarial import cgroup_dir, flat, footprint
@@ -286,3 +286,37 @@ def test_cgroups_removed_when_the_master_is_killed_outright(start_server, escape
         assert wait_for(lambda: not escapees.alive(), 5.0), escapees.alive()
     finally:
         client.close()
+
+
+@needs_cgroups
+def test_cgroups_emptied_after_a_burst_are_reused(start_server) -> None:
+    """After 8 concurrent commands on one worker, the next burst runs in
+    their emptied cgroups: none is removed and none is made."""
+    server = start_server("--pool-size", "1", "--containment", "cgroup")
+    path = server.socket_path
+
+    def burst() -> List[str]:
+        clients = [RawClient(path, timeout=20) for _ in range(8)]
+        for client in clients:
+            client.send(extended({"cmd": "cat /proc/self/cgroup; sleep 0.5"}))
+        names = []
+        for client in clients:
+            with client:
+                reply = client.read_reply()
+            line = next(x for x in reply.stdout.decode().splitlines() if x.startswith("0::"))
+            names.append(line.rsplit("/", 1)[1])
+        return names
+
+    first = burst()
+    assert len(set(first)) == 8, first  # (they ran at once: a cgroup each)
+    assert wait_for(lambda: set(first) <= _pooled(server.pid), 5.0), (first, _pooled(server.pid))
+    kept = _pooled(server.pid)
+    second = burst()
+    assert set(second) <= kept, (kept, second)
+
+
+def _pooled(master: int) -> Set[str]:
+    """The names of the command cgroups in the server's subtree."""
+    subtree = _subtree(master)
+    assert subtree is not None
+    return {n for n in os.listdir(subtree) if n.startswith("cmd-")}
