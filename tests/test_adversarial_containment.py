@@ -24,7 +24,7 @@ from typing import Dict, Iterator, List, Optional, Set
 
 import pytest
 from adversarial import cgroup_dir, flat, footprint
-from procs import all_pids, my_server_processes, wait_for
+from procs import all_pids, my_server_processes, settle, wait_for
 from rawclient import RawClient, extended, run
 
 from errand_boy.server.containment import PREFIX
@@ -129,6 +129,7 @@ def test_cgroup_kills_escaped_descendants(start_server, escapees: Escapees, trig
     path = server.socket_path
     pids = [server.pid, *[p for p in _servers() if p != server.pid]]
     run(path, extended({"cmd": "true"}))  # warm-up: the worker's cgroup pool is made
+    settle(pids)  # (its X leaves before the worker has cleaned up after it)
     before = footprint(pids)
     if trigger == "end":
         # (It ends on its own once the test has seen them all running.)
@@ -222,6 +223,7 @@ def test_group_containment_kills_what_the_tree_allows(start_server, escapees: Es
     status = run(path, extended({"op": "status"})).status
     assert status["containment"] == "group"
     assert "containment: process groups" in server.log()
+    settle(pids)
     before = footprint(pids)
     client = _started(path, escapees, "echo started; sleep 60", timeout=1.0)
     reply = client.read_reply()

@@ -25,7 +25,7 @@ from typing import Dict, Iterator, List
 
 import pytest
 from adversarial import IsolatedServer, cgroup_dir, children_of, descendants, flat, footprint, unshare_prefix
-from procs import wait_for
+from procs import settle, wait_for
 from rawclient import RawClient, extended, frame, run
 
 pytestmark = pytest.mark.slow  # the adversarial suite: real attacks, seconds each
@@ -113,7 +113,8 @@ def test_master_never_kills_its_own_group(sock_dir: str, slow_dir: str) -> None:
     try:
         assert wait_for(lambda: len(_workers(master, killed)) == 1, 10.0)
         assert wait_for(lambda: footprint([master])["zombies"] == 0, 5.0)
-        before = _steady_footprint(master)
+        settle([master])  # (a worker just started may still have descriptors open in the master)
+        before = footprint([master])
         rng = random.Random(8)
         started = time.monotonic()
         kills = 0
@@ -162,19 +163,6 @@ def test_master_never_kills_its_own_group(sock_dir: str, slow_dir: str) -> None:
         assert flat(before, after), (before, after)
     finally:
         server.stop()
-
-
-def _steady_footprint(master: int) -> Dict[str, int]:
-    """The master's footprint once two looks 0.2 s apart agree (a worker
-    that was just started may still have descriptors open in the master)."""
-    last = footprint([master])
-    for _ in range(25):
-        time.sleep(0.2)
-        now = footprint([master])
-        if now["fds"] == last["fds"]:
-            return now
-        last = now
-    return last
 
 
 # --------------------------------------------------------------------------
@@ -226,6 +214,7 @@ def test_reused_pid_is_never_signalled(sock_dir: str, containment: str, trigger:
     server = IsolatedServer(path, ["--pool-size", "1", "--containment", containment], prefix=prefix)
     try:
         pids = _server_processes(server)
+        settle(pids)
         before = footprint(pids)
         request: Dict[str, object] = {"cmd": "setsid sleep 30 & exit 0"}
         if trigger == "timeout":
