@@ -15,7 +15,7 @@ import subprocess
 from typing import Dict, List, Optional
 
 from conftest import ServerProcess
-from procs import all_pids, proc_stat, zombie_children
+from procs import all_pids, fd_count, pooled_cgroup_fds, proc_stat, zombie_children
 
 
 class IsolatedServer(ServerProcess):
@@ -90,24 +90,15 @@ def footprint(pids: List[int]) -> Dict[str, int]:
     """Descriptors, zombie children and PSS (kB) of a server's processes.
 
     ``fds`` leaves out the descriptors of pooled command cgroups
-    (``pooled_fds``): a worker keeps the cgroups a burst of commands
-    emptied, up to a bound, by design.
+    (``pooled_fds``): a worker keeps the cgroups a burst emptied, by design.
     """
     fds = pooled = 0
     for pid in pids:
         try:
-            names = os.listdir(f"/proc/{pid}/fd")
+            fds += fd_count(pid)
+            pooled += pooled_cgroup_fds(pid)
         except OSError:
-            continue
-        for name in names:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{name}")
-            except OSError:
-                continue
-            if "/cmd-" in target and target.endswith(("/cgroup.procs", "/cgroup.events")):
-                pooled += 1
-            else:
-                fds += 1
+            pass
     return {
         "fds": fds,
         "pooled_fds": pooled,
