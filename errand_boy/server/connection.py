@@ -155,6 +155,10 @@ class Connection(Flushable):
         except OSError:
             self.abort("the connection failed")
             return
+        self.received(data, ancillary, flags)
+
+    def received(self, data: bytes, ancillary: List[Tuple[int, int, bytes]], flags: int) -> None:
+        """What one ``recvmsg`` brought: bytes, descriptors, flags."""
         if ancillary or flags & _MSG_CTRUNC:
             self.take_fds(_received_fds(ancillary), flags & _MSG_CTRUNC)
         if self.state not in ("request", "running"):
