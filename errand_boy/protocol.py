@@ -108,7 +108,6 @@ _STREAM_CHOICES = {
     "stdout": ("pipe", "null", "fd"),
     "stderr": ("pipe", "stdout", "null", "fd"),
 }
-_STREAM_NUMBERS = (("stdin", 0), ("stdout", 1), ("stderr", 2))
 _RUN_MEMBERS = frozenset(
     ("op", "cmd", "argv", "cwd", "env", "timeout", "stdin", "stdout", "stderr", "pass_fds")
 )
@@ -216,8 +215,12 @@ class Request(_Event):
         ``pass_fds`` in the array's order. (``"stderr": "stdout"`` takes no
         descriptor of its own: it shares stdout's, whatever that is.)
         """
-        streams = tuple(number for name, number in _STREAM_NUMBERS if getattr(self, name) == "fd")
-        return streams + self.pass_fds
+        targets: Tuple[int, ...] = (0,) if self.stdin == "fd" else ()
+        if self.stdout == "fd":
+            targets += (1,)
+        if self.stderr == "fd":
+            targets += (2,)
+        return targets + self.pass_fds if self.pass_fds else targets
 
     @property
     def fd_count(self) -> int:
