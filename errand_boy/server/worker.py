@@ -323,8 +323,10 @@ class Worker:
 
     def admit(self, conn: Connection) -> bool:
         """Give ``conn`` a running place now, or queue it (False)."""
-        if not self.waiting and self.board.try_start(self.index, 0, self.config.max_concurrent):
-            return True
+        if not self.waiting:
+            board, limit = self.board, self.config.max_concurrent
+            if board.try_start_free(self.index, limit) or board.try_start(self.index, 0, limit):
+                return True
         since = now_us()
         self.waiting.append((since, conn))
         self.publish_queue()
