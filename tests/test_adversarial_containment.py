@@ -24,7 +24,7 @@ from typing import Dict, Iterator, List, Optional
 
 import pytest
 from adversarial import cgroup_dir, flat, footprint
-from procs import all_pids, my_server_processes, wait_for
+from procs import all_pids, my_server_processes, settle, wait_for
 from rawclient import RawClient, extended, run
 
 from errand_boy.server.containment import PREFIX
@@ -129,6 +129,7 @@ def test_cgroup_kills_escaped_descendants(start_server, escapees: Escapees, trig
     path = server.socket_path
     pids = [server.pid, *[p for p in _servers() if p != server.pid]]
     run(path, extended({"cmd": "true"}))  # warm-up: the worker's cgroup pool is made
+    settle(pids)  # (its X frame leaves before the worker cleans up after it)
     before = footprint(pids)
     if trigger == "end":
         # (It ends on its own once the test has seen them all running.)
