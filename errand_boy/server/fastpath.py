@@ -36,8 +36,9 @@ _MAGIC_SIZE = len(MAGIC)
 
 def first_read(conn: Connection) -> None:
     """Read what a new connection sent; start its command if it is all there."""
+    size = conn.worker.budget.read_size(conn, REQUEST_RECV_SIZE)  # (--max-buffered-bytes)
     try:
-        data, ancillary, flags, _ = conn.sock.recvmsg(REQUEST_RECV_SIZE, ANCILLARY_SIZE, _RECV_FLAGS)
+        data, ancillary, flags, _ = conn.sock.recvmsg(size, ANCILLARY_SIZE, _RECV_FLAGS)
     except (BlockingIOError, InterruptedError):
         conn.start_request_timer()  # nothing yet: the general path waits for it
         return
