@@ -6,7 +6,8 @@ asks for, in one ``sendmsg``. The first ``recvmsg`` then brings it all, and
 :func:`first_read` goes from those bytes to the command's spawn: the
 command block is parsed straight from the bytes read (a payload parsed
 before is not checked again: see ``protocol.parse_extended_block``), with
-no request parser events, no request budget and no request timer.
+no request parser events, no request budget bookkeeping (the read
+is still sized by it) and no request timer.
 
 Anything else -- a partial request, bytes after the terminator, the simple
 form, a descriptor count that does not fit, a request that does not parse --
