@@ -108,7 +108,6 @@ _STREAM_CHOICES = {
     "stdout": ("pipe", "null", "fd"),
     "stderr": ("pipe", "stdout", "null", "fd"),
 }
-_STREAM_NUMBERS = (("stdin", 0), ("stdout", 1), ("stderr", 2))
 _RUN_MEMBERS = frozenset(
     ("op", "cmd", "argv", "cwd", "env", "timeout", "stdin", "stdout", "stderr", "pass_fds")
 )
@@ -216,8 +215,12 @@ class Request(_Event):
         ``pass_fds`` in the array's order. (``"stderr": "stdout"`` takes no
         descriptor of its own: it shares stdout's, whatever that is.)
         """
-        streams = tuple(number for name, number in _STREAM_NUMBERS if getattr(self, name) == "fd")
-        return streams + self.pass_fds
+        targets: Tuple[int, ...] = (0,) if self.stdin == "fd" else ()
+        if self.stdout == "fd":
+            targets += (1,)
+        if self.stderr == "fd":
+            targets += (2,)
+        return targets + self.pass_fds if self.pass_fds else targets
 
     @property
     def fd_count(self) -> int:
@@ -624,6 +627,14 @@ class RequestParser:
         else:
             self._eof = True
 
+    def request_read(self, request: Request) -> None:
+        """``request`` came whole, alone, and was parsed without this parser
+        (the server's fast path): what follows it is frames."""
+        if self._state != "request" or self._buf:
+            raise RuntimeError("the parser has begun reading a request already")
+        self.request = request
+        self._state = "frames"
+
     @property
     def buffered(self) -> int:
         """How many received bytes have not yet been turned into events."""
@@ -752,8 +763,31 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+#: Requests parsed lately, by their exact payload bytes: a client sends the
+#: same request (its command, cwd and ~2 KB environment) again and again,
+#: and checking and encoding every variable is most of the parse. A payload
+#: is only found here if it is byte for byte one that was parsed and passed
+#: every check; each hit gets a Request of its own (its ``env`` mapping is
+#: shared, and read only). Bounded: a few entries of at most 16 KiB each.
+_PARSED: Dict[bytes, Tuple[Any, ...]] = {}
+_PARSED_ENTRIES = 8
+_PARSED_MAX_BYTES = 16 << 10
+
+
 def parse_extended_block(payload: bytes) -> Request:
     """The Request for the JSON object of an extended-form command block."""
+    known = _PARSED.get(payload)
+    if known is not None:
+        return Request(*known)
+    request = _parse_extended_block(payload)
+    if len(payload) <= _PARSED_MAX_BYTES:
+        if len(_PARSED) >= _PARSED_ENTRIES:
+            _PARSED.clear()
+        _PARSED[bytes(payload)] = tuple(getattr(request, name) for name in Request.__slots__)
+    return request
+
+
+def _parse_extended_block(payload: bytes) -> Request:
     if b"\r" in payload or b"\n" in payload:
         raise RemoteProtocolError("raw CR or LF inside the request's JSON object")
     try:

@@ -33,7 +33,6 @@ import array
 import fcntl
 import logging
 import os
-import signal
 import socket
 import termios
 import time
@@ -42,7 +41,7 @@ from .. import protocol
 from ..exceptions import RemoteProtocolError
 from .handles import Leader
 from .loop import ERR, HUP, IN, OUT, RDHUP, Flushable, Timer
-from .spawn import PIPE_DEFAULT_SIZE, Child, SpawnError, grow_pipe, spawn
+from .spawn import PIPE_DEFAULT_SIZE, Child, SpawnError, grow_pipe
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -75,7 +74,6 @@ SPLICE_MIN = 1 << 16
 _SPLICE = getattr(os, "splice", None)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
-_SIGKILL = signal.SIGKILL
 #: Room for the most descriptors a request may carry, exactly (CMSG_SPACE
 #: would round up to room for one more); more is MSG_CTRUNC.
 ANCILLARY_SIZE = socket.CMSG_LEN(protocol.MAX_FDS * array.array("i").itemsize)
@@ -165,6 +163,10 @@ class Connection(Flushable):
         except OSError:
             self.abort("the connection failed")
             return
+        self.received(data, ancillary, flags)
+
+    def received(self, data: bytes, ancillary: List[Tuple[int, int, bytes]], flags: int) -> None:
+        """What one ``recvmsg`` brought: bytes, descriptors, flags."""
         if ancillary or flags & _MSG_CTRUNC:
             self.take_fds(_received_fds(ancillary), flags & _MSG_CTRUNC)
         if self.state not in ("request", "running"):
@@ -317,9 +319,7 @@ class Connection(Flushable):
         self.cancel_timers()
         self.started = time.monotonic()
         try:
-            with worker.leaders.containing() as cgroup:
-                child = spawn(request, worker.config.rlimits, self.fds)
-                self.leader = _hold(child, cgroup)
+            child, self.leader = worker.leaders.start(request, worker.config.rlimits, self.fds)
         except SpawnError as exc:
             worker.release_place()
             extra: Dict[str, Any] = {"errno": exc.errno} if exc.errno is not None else {}
@@ -712,21 +712,3 @@ def _received_fds(ancillary: List[Tuple[int, int, bytes]]) -> List[int]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     return fds.tolist()
-
-
-def _hold(child: Child, cgroup: Any) -> Leader:
-    """A pidfd for the new command's leader (our unreaped child: race-free)."""
-    try:
-        return Leader(child.pid, cgroup)
-    except OSError as exc:  # out of descriptors: the command must not run unheld
-        try:
-            os.killpg(child.pid, _SIGKILL)  # unreaped: its group id is its own
-        except OSError:
-            pass
-        os.waitpid(child.pid, 0)
-        if cgroup is not None:
-            cgroup.kill()
-        for fd in (child.stdin, child.stdout, child.stderr):
-            if fd is not None:
-                os.close(fd)
-        raise SpawnError(exc.errno, f"cannot hold the command's process: {exc.strerror}", None) from exc

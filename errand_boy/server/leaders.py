@@ -13,24 +13,27 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
+import signal
 
 from .containment import Cgroup, CommandCgroups
 from .handles import Leader, kill_adopted, kill_session, zombie_children
 from .loop import IN, Loop
-from .spawn import SpawnError
+from .spawn import Child, SpawnError, spawn
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, Iterator, Optional, Tuple
+    from typing import Any, Dict, Optional, Sequence, Tuple
 
+    from ..protocol import Request
     from .connection import Connection
+    from .spawn import Rlimits
 
 log = logging.getLogger("errand_boy.server")
 
 _WAITED = os.WEXITED | os.WNOHANG | os.WNOWAIT
 #: How long orphans hidden behind a held leader may stay zombies.
 HELD_SWEEP = 1.0
+_SIGKILL = signal.SIGKILL
 
 
 class Leaders:
@@ -45,13 +48,16 @@ class Leaders:
         self.sweep_pending = False  # a SIGCHLD sweep stopped at a held leader
         self.sweep_timer: Optional[Any] = None
 
-    @contextmanager
-    def containing(self) -> Iterator[Optional[Cgroup]]:
-        """Around spawn(): what is spawned inside is born in a cgroup of its own."""
+    def start(self, request: Request, rlimits: Rlimits, fds: Sequence[int]) -> Tuple[Child, Leader]:
+        """Spawn ``request``'s command and hold its leader; raise SpawnError.
+
+        With cgroups, the worker enters a fresh cgroup for the spawn, so that
+        the command is born inside it, and leaves it at once.
+        """
         cgroups = self.cgroups
         if cgroups is None:
-            yield None
-            return
+            child = spawn(request, rlimits, fds)
+            return child, _hold(child, None)
         try:
             cgroup = cgroups.enter()
         except OSError as exc:
@@ -59,12 +65,14 @@ class Leaders:
                 exc.errno, f"cannot give the command a cgroup of its own: {exc.strerror}", None
             ) from exc
         try:
-            yield cgroup
+            child = spawn(request, rlimits, fds)
+            leader = _hold(child, cgroup)
         except BaseException:
             cgroups.leave()
             cgroups.release(cgroup)
             raise
         cgroups.leave()
+        return child, leader
 
     def add(self, conn: Connection) -> None:
         """A command has started: watch its leader's pidfd."""
@@ -174,3 +182,21 @@ class Leaders:
             self.cgroups.close()
             if orphaned:
                 self.cgroups.remove_subtree()
+
+
+def _hold(child: Child, cgroup: Optional[Cgroup]) -> Leader:
+    """A pidfd for the new command's leader (our unreaped child: race-free)."""
+    try:
+        return Leader(child.pid, cgroup)
+    except OSError as exc:  # out of descriptors: the command must not run unheld
+        try:
+            os.killpg(child.pid, _SIGKILL)  # unreaped: its group id is its own
+        except OSError:
+            pass
+        os.waitpid(child.pid, 0)
+        if cgroup is not None:
+            cgroup.kill()
+        for fd in (child.stdin, child.stdout, child.stderr):
+            if fd is not None:
+                os.close(fd)
+        raise SpawnError(exc.errno, f"cannot hold the command's process: {exc.strerror}", None) from exc

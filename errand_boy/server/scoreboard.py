@@ -98,6 +98,25 @@ class Scoreboard:
             cells[self._at(slot, RUNNING)] += 1
             return True
 
+    def try_start_free(self, slot: int, limit: int) -> bool:
+        """Take a running place without the lock, while the server is far
+        from ``limit``; False: ask :meth:`try_start`.
+
+        The place is taken first (the slot's own cell grows), then the sum
+        is read, ours included: it is kept only if the sum leaves a place
+        for every slot. Each worker takes places one at a time, so the sum
+        read misses at most one increment per other worker, and a taker
+        under the lock that misses ours found the server below ``limit``
+        by that much: the limit holds.
+        """
+        cells = self._cells
+        at = _HEADER + slot * _FIELDS + RUNNING
+        cells[at] += 1
+        if sum(cells[_HEADER + RUNNING : _HEADER + self.slots * _FIELDS : _FIELDS]) + self.slots <= limit:
+            return True
+        cells[at] -= 1
+        return False
+
     def finish(self, slot: int, count: int = 1) -> None:
         """Give back ``count`` running places of ``slot`` (no lock: only the
         slot's worker, or the master once it is dead, writes its cell)."""

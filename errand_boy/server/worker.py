@@ -32,6 +32,7 @@ from .accept_guard import AcceptGuard
 from .budget import RequestBudget
 from .connection import Connection
 from .containment import CommandCgroups
+from .fastpath import first_read
 from .leaders import Leaders
 from .logs import DeferredRecords, command_text, flush_summaries
 from .loop import IN, Loop
@@ -284,8 +285,10 @@ class Worker:
             # Clients send the request right after connecting: it is usually
             # here already, and reading now saves a trip round the loop (and
             # a request timer, which only an incomplete request needs).
-            conn.on_socket(IN)
-            conn.start_request_timer()
+            try:
+                first_read(conn)
+            except Exception:
+                conn.internal_error()
         return conn
 
     def allowed(self, sock: socket.socket, uid: int, gid: int) -> bool:
@@ -320,8 +323,10 @@ class Worker:
 
     def admit(self, conn: Connection) -> bool:
         """Give ``conn`` a running place now, or queue it (False)."""
-        if not self.waiting and self.board.try_start(self.index, 0, self.config.max_concurrent):
-            return True
+        if not self.waiting:
+            board, limit = self.board, self.config.max_concurrent
+            if board.try_start_free(self.index, limit) or board.try_start(self.index, 0, limit):
+                return True
         since = now_us()
         self.waiting.append((since, conn))
         self.publish_queue()
