@@ -17,7 +17,6 @@ import argparse
 import importlib
 import json
 import os
-import subprocess
 import sys
 
 from . import __version__
@@ -28,7 +27,7 @@ from .protocol import DEFAULT_MAX_REQUEST_BYTES
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable, Dict, List, NoReturn, Optional
+    from typing import Any, Dict, List, Optional
 
 DEFAULT_TRANSPORT = "errand_boy.transports.unixsocket.UNIXSocketTransport"
 #: The exit status when errand-boy itself failed (as ``docker run`` and ``env`` use it).
@@ -274,57 +273,41 @@ def _stdout_broken() -> bool:
 
 
 def run_server(transport: Any, args: argparse.Namespace) -> int:
-    options: Dict[str, Any] = {
-        "socket_path": transport.socket_path,
-        "pool_size": args.pool_size,
-        "max_accepts": args.max_accepts,
-        "max_child_tasks": args.max_child_tasks,
-        "max_request_bytes": args.max_request_bytes,
-        "max_buffered_bytes": args.max_buffered_bytes,
-        "max_concurrent": args.max_concurrent,
-        "queue_timeout": args.queue_timeout,
-        "request_timeout": args.request_timeout,
-        "graceful_timeout": args.graceful_timeout,
-        "timeout": args.default_timeout,
-        "rlimits": args.rlimit,
-        "pidfile": args.pidfile,
-        "socket_mode": args.socket_mode,
-        "socket_group": args.socket_group,
-        "allow_uids": args.allow_uid,
-        "allow_gids": args.allow_gid,
-        "containment": args.containment,
-    }
-    if type(transport).run_server is load_transport(DEFAULT_TRANSPORT).run_server:
-        try:
-            become_server({**options, "log_level": args.log_level, "log_format": args.log_format})
-        except OSError:
-            pass  # (no interpreter to start: serve from this one)
-    from .server import configure_logging
-    from .server._fresh import report
+    from .server import AlreadyRunning, configure_logging
 
     configure_logging(args.log_level, args.log_format)
-    del options["socket_path"]
-    return report(lambda: transport.run_server(**options), transport.socket_path)
-
-
-def become_server(options: Dict[str, Any]) -> NoReturn:
-    """Become a fresh interpreter that serves with ``options`` (as JSON); see
-    :mod:`errand_boy.server._fresh`. The same process: its pid, descriptors
-    and environment stay. Raises OSError when no interpreter can be started.
-    """
-    if not sys.executable:
-        raise OSError("sys.executable is empty")
-    # The same interpreter, flags (-X, -W, -S, -I...) and copy of errand_boy.
-    flags: Callable[[], List[str]] = getattr(subprocess, "_args_from_interpreter_flags", list)
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = (
-        f"import sys; sys.path.insert(0, {parent!r}); "
-        "from errand_boy.server._fresh import main; sys.exit(main(sys.argv[1]))"
-    )
-    argv = [sys.executable, *flags(), "-c", code, json.dumps(options)]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(argv[0], argv)
+    try:
+        return int(
+            transport.run_server(
+                pool_size=args.pool_size,
+                max_accepts=args.max_accepts,
+                max_child_tasks=args.max_child_tasks,
+                max_request_bytes=args.max_request_bytes,
+                max_buffered_bytes=args.max_buffered_bytes,
+                max_concurrent=args.max_concurrent,
+                queue_timeout=args.queue_timeout,
+                request_timeout=args.request_timeout,
+                graceful_timeout=args.graceful_timeout,
+                timeout=args.default_timeout,
+                rlimits=args.rlimit,
+                pidfile=args.pidfile,
+                socket_mode=args.socket_mode,
+                socket_group=args.socket_group,
+                allow_uids=args.allow_uid,
+                allow_gids=args.allow_gid,
+                containment=args.containment,
+            )
+            or 0
+        )
+    except AlreadyRunning as exc:
+        print(f"errand-boy: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"errand-boy: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"errand-boy: cannot start the server (socket {transport.socket_path}): {exc}", file=sys.stderr)
+        return 1
 
 
 def _duration(seconds: Optional[float]) -> str:
