@@ -55,7 +55,7 @@ class ServerProcess:
                         return
             except OSError:
                 pass
-            time.sleep(0.02)
+            time.sleep(0.005)
         raise RuntimeError(f"server did not become ready:\n{self.log()}")
 
     def log(self) -> str:
