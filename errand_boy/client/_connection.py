@@ -41,6 +41,25 @@ def _receive_buffer() -> bytearray:
     return buf
 
 
+def connect_checked(socket_path: str, trusted_uids: Any) -> socket.socket:
+    """A socket connected to ``socket_path`` whose server passed the
+    credentials check (see :mod:`._trust`; ``trusted_uids`` as resolved by
+    ``trusted_uids_from``); closed, without a byte sent, if either fails."""
+    # Looked up at call time, so a monkey-patched socket module is used.
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(socket_path)
+    except OSError as exc:
+        sock.close()
+        raise ServerUnavailable(socket_path, exc) from exc
+    try:
+        check_peer(sock, socket_path, trusted_uids)  # before sending a byte
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class _Connection:
     """One socket to the server, and any bytes of a frame that a
     non-blocking send left unsent (``pending``)."""
@@ -49,18 +68,7 @@ class _Connection:
         self.socket_path = socket_path
         self.pending = _EMPTY
         trusted_uids = trusted_uids_from(trusted_uids)  # a bad setting fails before connecting
-        # Looked up at call time, so a monkey-patched socket module is used.
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(socket_path)
-        except OSError as exc:
-            sock.close()
-            raise ServerUnavailable(socket_path, exc) from exc
-        try:
-            check_peer(sock, socket_path, trusted_uids)  # before sending a byte
-        except BaseException:
-            sock.close()
-            raise
+        sock = connect_checked(socket_path, trusted_uids)
         self.sock = sock
         self._timeout = sock.gettimeout()
 

@@ -38,13 +38,14 @@ from subprocess import DEVNULL, PIPE, STDOUT, CalledProcessError, CompletedProce
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ..defaults import resolve_socket_path
-from ..exceptions import ErrandBoyError, ServerUnavailable
+from ..exceptions import ErrandBoyError
 from . import _fds
 from ._command import _Command
+from ._connection import connect_checked
 from ._core import REVISION_ONE, CommandCore, Launch
 from ._launch import status_or_none
 from ._request import default_request
-from ._trust import check_peer, trusted_uids_from
+from ._trust import trusted_uids_from
 from .popen import Popen, _timeout_expired
 
 #: The most input written into the stdin pipe before the request goes: an
@@ -141,7 +142,7 @@ def _call(
         return None
     trusted = trusted_uids_from(trusted_uids)  # a bad setting fails before connecting
     # Connected first: the server wakes up to accept while the pipes are made.
-    sock = _connect(path, trusted)
+    sock = connect_checked(path, trusted)  # (socket looked up now: see usable())
     send: List[int] = []
     theirs: List[int] = []
     ours: Dict[int, int] = {}  # 1, 2: the read ends of the output pipes
@@ -186,22 +187,6 @@ def _call(
             raise
     core.raise_failure()
     return core, output
-
-
-def _connect(path: str, trusted: Any) -> Any:
-    """Connect and check the server; closed without a byte sent if it fails."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # looked up now: see usable()
-    try:
-        sock.connect(path)
-    except OSError as exc:
-        sock.close()
-        raise ServerUnavailable(path, exc) from exc
-    try:
-        check_peer(sock, path, trusted)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _pipes(streams: _Streams, data: bytes, send: List[int], theirs: List[int], ours: Dict[int, int]) -> None:
