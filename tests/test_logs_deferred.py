@@ -82,6 +82,8 @@ def test_direct_writing_matches_the_handlers_output(package: logging.Logger, fmt
     assert direct.getvalue() == usual.getvalue()
     assert len(direct.getvalue().splitlines()) == len(TIMES) * len(KINDS) + 1
     assert direct.writes == 1  # all of them in one write
+    if fmt == "text":  # a key that needs quotes has them on every line
+        assert direct.getvalue().count('"weird key"=') == len(TIMES) + 1
     assert usual.writes == len(TIMES) * len(KINDS) + 1
 
 

@@ -390,8 +390,19 @@ def _text_line(asctime: str, pid: object, levelname: str, message: str, fields: 
 
 
 def _text_key(name: object) -> str:
+    if type(name) is str:
+        shown = _KEY_TEXT.get(name)
+        if shown is not None:
+            return shown
     text = _safe_str(name)
-    return text if text and text.isprintable() and not _NEEDS_QUOTES.search(text) else _quote(text)
+    shown = text if text and text.isprintable() and not _NEEDS_QUOTES.search(text) else _quote(text)
+    if type(name) is str and len(_KEY_TEXT) < 256:
+        _KEY_TEXT[name] = shown
+    return shown
+
+
+#: Field names as the text format shows them (the same few, line after line).
+_KEY_TEXT: Dict[str, str] = {}
 
 
 def _text_value(value: object) -> str:
