@@ -134,6 +134,7 @@ class DeferredRecords:
         self.max_delay = max_delay
         self.pending: List[Tuple[float, int, str, Callable[..., Mapping[str, Any]], Tuple[Any, ...]]] = []
         self.oldest = 0.0  # time.monotonic() of the first pending record
+        self._clocks: Dict[bool, Tuple[int, str]] = {}  # utc: (second, its text)
 
     def add(self, level: int, msg: str, fields: Callable[..., Mapping[str, Any]], *args: Any) -> bool:
         """Keep a record of ``msg`` whose fields are ``fields(*args)``, made
@@ -152,17 +153,125 @@ class DeferredRecords:
 
     def flush(self) -> None:
         pending, self.pending = self.pending, []
+        if not pending:
+            return
+        handler = _plain_handler(self.logger)
+        if handler is not None and self._write_direct(handler, pending):
+            return
         logger = self.logger
         for created, level, msg, fields, args in pending:
             if not logger.isEnabledFor(level):
                 continue
-            record = logger.makeRecord(
-                logger.name, level, __file__, 0, msg, (), None, extra={"fields": fields(*args)}
-            )
-            record.relativeCreated += (created - record.created) * 1000
-            record.created = created
-            record.msecs = int((created - int(created)) * 1000) + 0.0
-            logger.handle(record)
+            logger.handle(self._record(created, level, msg, fields(*args)))
+
+    def _record(self, created: float, level: int, msg: str, fields: Mapping[str, Any]) -> logging.LogRecord:
+        logger = self.logger
+        record = logger.makeRecord(logger.name, level, __file__, 0, msg, (), None, extra={"fields": fields})
+        record.relativeCreated += (created - record.created) * 1000
+        record.created = created
+        record.msecs = int((created - int(created)) * 1000) + 0.0
+        return record
+
+    def _write_direct(
+        self,
+        handler: logging.StreamHandler[TextIO],
+        pending: List[Tuple[float, int, str, Callable[..., Mapping[str, Any]], Tuple[Any, ...]]],
+    ) -> bool:
+        """Write ``pending`` as ``logger.handle()`` would, in one write, when
+        ``handler`` (the one :func:`configure_logging` installs) would pass
+        each record unchanged; False (nothing written) when it might not."""
+        guard = handler.filters[0]
+        assert isinstance(guard, FloodGuard)
+        formatter = handler.formatter
+        logger = self.logger
+        pid = os.getpid()
+        text = type(formatter) is TextFormatter
+        lines: List[str] = []
+        made: List[Tuple[float, int, str, Mapping[str, Any]]] = []
+        for created, level, msg, fields, args in pending:
+            if not logger.isEnabledFor(level):
+                continue
+            if level < handler.level:
+                continue
+            if level >= guard.min_level or guard._floods:
+                return False  # the guard may count it or close a window: the usual path
+            values = fields(*args)
+            made.append((created, level, msg, values))
+            shown = _shown(values)
+            second = int(created)
+            msecs = int((created - second) * 1000)
+            if text:
+                lines.append(
+                    _text_line(
+                        f"{self._clock(second, False)},{msecs:03d}",
+                        pid,
+                        logging.getLevelName(level),
+                        msg,
+                        shown,
+                    )
+                )
+            else:
+                stamp = f"{self._clock(second, True)}.{msecs:03d}Z"
+                lines.append(_json_line(stamp, logging.getLevelName(level), pid, logger.name, msg, shown))
+        if not lines:
+            return True
+        terminator = handler.terminator
+        handler.acquire()
+        try:
+            try:
+                handler.stream.write(terminator.join(lines) + terminator)
+                handler.flush()
+            except RecursionError:
+                raise
+            except Exception:
+                for created, level, msg, values in made:
+                    handler.handleError(self._record(created, level, msg, values))
+        finally:
+            handler.release()
+        return True
+
+    def _clock(self, second: int, utc: bool) -> str:
+        """``second`` as the text (local) or JSON (UTC) format shows it, to the second."""
+        cached = self._clocks.get(utc)
+        if cached is not None and cached[0] == second:
+            return cached[1]
+        if utc:
+            shown = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        else:
+            shown = time.strftime(logging.Formatter.default_time_format, time.localtime(second))
+        self._clocks[utc] = (second, shown)
+        return shown
+
+
+def _plain_handler(logger: logging.Logger) -> Optional[logging.StreamHandler[TextIO]]:
+    """The logger's handler when it is exactly what :func:`configure_logging`
+    installs and nothing else can see or change a record; otherwise None."""
+    if logger.disabled or logger.filters:
+        return None
+    holder: Optional[logging.Logger] = logger
+    while holder is not None and not holder.handlers:  # records go up to the first with handlers
+        holder = holder.parent if holder.propagate else None
+    if holder is None or holder.propagate or len(holder.handlers) != 1:
+        return None
+    handler = holder.handlers[0]
+    if type(handler) is not logging.StreamHandler or not logging.logProcesses:
+        return None
+    filters = handler.filters
+    if len(filters) != 1 or type(filters[0]) is not FloodGuard or filters[0].handler is not handler:
+        return None
+    formatter = handler.formatter
+    kind = type(formatter)
+    if kind is TextFormatter:
+        if (
+            formatter.converter is not time.localtime  # type: ignore[union-attr]
+            or formatter.datefmt is not None  # type: ignore[union-attr]
+            or formatter.default_time_format != logging.Formatter.default_time_format  # type: ignore[union-attr]
+            or formatter.default_msec_format != "%s,%03d"  # type: ignore[union-attr]
+        ):
+            return None
+    elif kind is not JsonFormatter:
+        return None
+    return handler
 
 
 # ----------------------------------------------------------------------
@@ -237,7 +346,14 @@ def _json_escape(char: str) -> str:
 
 def shown_fields(record: logging.LogRecord) -> Mapping[str, Any]:
     """The fields a formatter writes: all but ``flood_key``, which only keys :class:`FloodGuard`."""
-    fields = fields_of(record)
+    return _shown(fields_of(record))
+
+
+def _shown(fields: object) -> Mapping[str, Any]:
+    if fields is None:
+        return {}
+    if not isinstance(fields, Mapping):
+        return {"fields": fields}  # not a mapping: shown, not lost
     if "flood_key" not in fields:
         return fields
     return {name: value for name, value in fields.items() if name != "flood_key"}
@@ -260,17 +376,33 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s errand-boy[%(process)d] %(levelname)s %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        head = f"{record.asctime} errand-boy[{record.process}] {record.levelname} {one_line(record.message)}"
-        fields = shown_fields(record)
-        if not fields:
-            return head
-        pairs = " ".join(f"{_text_key(name)}={_text_value(value)}" for name, value in fields.items())
-        return f"{head} {pairs}"
+        return _text_line(
+            record.asctime, record.process, record.levelname, record.message, shown_fields(record)
+        )
+
+
+def _text_line(asctime: str, pid: object, levelname: str, message: str, fields: Mapping[str, Any]) -> str:
+    head = f"{asctime} errand-boy[{pid}] {levelname} {one_line(message)}"
+    if not fields:
+        return head
+    pairs = " ".join(f"{_text_key(name)}={_text_value(value)}" for name, value in fields.items())
+    return f"{head} {pairs}"
 
 
 def _text_key(name: object) -> str:
+    if type(name) is str:
+        shown = _KEY_TEXT.get(name)
+        if shown is not None:
+            return shown
     text = _safe_str(name)
-    return text if text and text.isprintable() and not _NEEDS_QUOTES.search(text) else _quote(text)
+    shown = text if text and text.isprintable() and not _NEEDS_QUOTES.search(text) else _quote(text)
+    if type(name) is str and len(_KEY_TEXT) < 256:
+        _KEY_TEXT[name] = shown
+    return shown
+
+
+#: Field names as the text format shows them (the same few, line after line).
+_KEY_TEXT: Dict[str, str] = {}
 
 
 def _text_value(value: object) -> str:
@@ -313,9 +445,21 @@ class JsonFormatter(logging.Formatter):
             doc["traceback"] = record.exc_text
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
-        for name, value in shown_fields(record).items():
-            doc[_member_name(_safe_str(name), doc)] = value
-        return _dumps(doc)
+        return _json_fields(doc, shown_fields(record))
+
+
+def _json_line(
+    stamp: str, levelname: str, pid: object, name: str, message: str, fields: Mapping[str, Any]
+) -> str:
+    """The JSON line of a record without traceback or stack."""
+    doc: Dict[str, Any] = {"time": stamp, "level": levelname, "pid": pid, "logger": name, "message": message}
+    return _json_fields(doc, fields)
+
+
+def _json_fields(doc: Dict[str, Any], fields: Mapping[str, Any]) -> str:
+    for name, value in fields.items():
+        doc[_member_name(_safe_str(name), doc)] = value
+    return _dumps(doc)
 
 
 def iso_time(record: logging.LogRecord) -> str:
