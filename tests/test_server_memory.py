@@ -47,6 +47,14 @@ FORBIDDEN = {
     "errand_boy.client",
     "errand_boy.aio",
     "errand_boy._cli_client",
+    # multiprocessing's shared ctypes (RawArray) and its heap, with tempfile
+    # and random: the scoreboard is an anonymous mmap instead. (shutil, bz2
+    # and lzma stay: argparse's help formatter imports shutil. subprocess
+    # stays: multiprocessing.util and the transport import it.)
+    "multiprocessing.sharedctypes",
+    "multiprocessing.heap",
+    "tempfile",
+    "random",
 }
 
 #: The server as ``python -m errand_boy.run`` runs it, with an audit hook that

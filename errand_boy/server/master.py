@@ -45,6 +45,7 @@ from .listener import bind_unix_socket, remove_socket_file
 from .logs import flush_summaries
 from .pidfile import PidFile
 from .scoreboard import Scoreboard
+from .spawn import snapshot_env
 from .worker import WORKER_SIGNALS, WorkerConfig, become_subreaper, worker_main
 
 TYPE_CHECKING = False
@@ -186,6 +187,7 @@ class Master:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # (blocked by run())
         try:
             self.contain()
+            snapshot_env()  # (once, here: the workers inherit it)
             # Everything allocated so far is shared with the workers, page by
             # page, until somebody writes to it. The cyclic GC would: it
             # writes to every object it examines. Freezing takes what exists

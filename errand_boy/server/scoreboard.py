@@ -24,9 +24,8 @@ cannot stop every other worker.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
-import multiprocessing
+import mmap
 import os
 import time
 
@@ -46,9 +45,13 @@ _HEADER = 2  # (cell 1 is unused)
 
 class Scoreboard:
     def __init__(self, slots: int) -> None:
-        ctx = multiprocessing.get_context("fork")
         self.slots = slots
-        self._cells: Any = ctx.RawArray(ctypes.c_longlong, _HEADER + slots * _FIELDS)
+        # Anonymous shared memory, zero-filled, inherited by the workers
+        # forked after this (multiprocessing's RawArray would import its
+        # heap module, and with it tempfile, random, shutil, bz2 and lzma).
+        cells = _HEADER + slots * _FIELDS
+        self._map = mmap.mmap(-1, cells * 8, flags=mmap.MAP_SHARED)
+        self._cells: Any = memoryview(self._map).cast("q")
         self.lock = ProcessLock()
         self.started_wall = time.time()
         self.started = time.monotonic()

@@ -89,7 +89,19 @@ def grow_pipe(fd: int) -> None:
 _devnull_fd = -1  # the worker's /dev/null (read-write)
 _home_fd = -1  # the worker's own working directory (O_PATH)
 _prepared_pid = 0
-_server_env: Dict[bytes, bytes] = {}  # the worker's environment, as it started
+_server_env: Optional[Dict[bytes, bytes]] = None  # the server's environment, as it started
+
+
+def snapshot_env() -> None:
+    """Keep the server's environment as the commands get it.
+
+    The master calls this before it forks its workers, so that they all
+    share one copy (a worker started later inherits it too). A plain dict:
+    posix_spawn reads os.environb item by item in Python, which cost more
+    than the spawn's own work (measured: ~50 us a spawn).
+    """
+    global _server_env
+    _server_env = dict(os.environb)
 
 
 def prepare() -> None:
@@ -102,7 +114,7 @@ def prepare() -> None:
     them. A worker calls this as it starts, so that its descriptor count
     stays flat from then on.
     """
-    global _prepared_pid, _devnull_fd, _home_fd, _server_env
+    global _prepared_pid, _devnull_fd, _home_fd
     if _prepared_pid == os.getpid():
         return
     for name in os.listdir("/proc/self/fd"):
@@ -112,9 +124,8 @@ def prepare() -> None:
                 os.set_inheritable(fd, False)
             except OSError:  # (the listing's own descriptor, closed by now)
                 pass
-    # A plain dict: posix_spawn reads os.environb item by item in Python,
-    # which cost more than the spawn's own work (measured: ~50 us a spawn).
-    _server_env = dict(os.environb)
+    if _server_env is None:  # (a process that is not a forked worker)
+        snapshot_env()
     _devnull_fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     _home_fd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     _prepared_pid = os.getpid()
@@ -254,7 +265,8 @@ def _spawn_at(
 
 def _posix_spawn(request: Request, moves: Moves, rlimits: Rlimits = ()) -> int:
     args = request.args()
-    env: Mapping[bytes, bytes] = request.env if request.env is not None else _server_env
+    env: Optional[Mapping[bytes, bytes]] = request.env if request.env is not None else _server_env
+    assert env is not None  # (prepare() ran)
     actions = _file_actions(moves)
     # posix_spawn has no cwd: the worker (single-threaded) changes into it
     # for the spawn, and back through a descriptor of its own directory.
