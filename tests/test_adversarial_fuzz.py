@@ -204,7 +204,13 @@ def test_fuzz_of_malformed_requests(start_server: Callable, scratch_cwd: Dict[st
         env=scratch_cwd,
     )
     master = server.pid
-    workers = [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+
+    def children() -> List[int]:
+        return [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+
+    # (The server answers once one worker is up; the second may still be starting.)
+    assert wait_for(lambda: len(children()) == 2, 10), children()
+    workers = children()
     pids = [master, *workers]
     sanity(server.socket_path)
     settle(pids)
@@ -238,7 +244,7 @@ def test_fuzz_of_malformed_requests(start_server: Callable, scratch_cwd: Dict[st
     settle(pids)
     after = server_snapshot("fuzz after", pids)
     assert after["fds"] == before["fds"] and after["zombies"] == 0, (before, after)
-    assert [int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()] == workers
+    assert children() == workers
     log = server.log()
     for sign in ("internal error", "unhandled error", "Traceback", "worker failed", "died"):
         assert sign not in log, log[log.index(sign) - 2000 : log.index(sign) + 2000]
