@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 
 class _FrameReader:
-    """Splits a byte stream into frames; shared by both parsers.
+    """Splits the client's byte stream into frames (the request parser's part).
 
     ``streamed`` kinds are handed on in pieces as their payload arrives;
     the others are collected whole, up to ``small_limit`` bytes.
