@@ -15,7 +15,7 @@ import subprocess
 from typing import Dict, List, Optional
 
 from conftest import ServerProcess
-from procs import all_pids, fd_count, pooled_cgroup_fds, proc_stat, zombie_children
+from procs import all_pids, fd_count, pooled_cgroup_fds, proc_stat, pss_kb, zombie_children
 
 
 class IsolatedServer(ServerProcess):
@@ -75,15 +75,11 @@ def descendants(pid: int) -> List[int]:
     return found
 
 
-def pss_kb(pid: int) -> int:
+def _pss_or_nothing(pid: int) -> int:
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+        return pss_kb(pid)
+    except OSError:  # (gone)
+        return 0
 
 
 def footprint(pids: List[int]) -> Dict[str, int]:
@@ -103,8 +99,21 @@ def footprint(pids: List[int]) -> Dict[str, int]:
         "fds": fds,
         "pooled_fds": pooled,
         "zombies": len(zombie_children(pids)),
+        "pss_kb": sum(_pss_or_nothing(pid) for pid in pids),
+    }
+
+
+def snapshot(label: str, pids: List[int]) -> Dict[str, int]:
+    """Descriptors (as :func:`procs.fd_count` counts them), zombie children
+    and PSS (kB) of ``pids``, every one of which must be alive; printed for
+    the report."""
+    figures = {
+        "fds": sum(fd_count(pid) for pid in pids),
+        "zombies": len(zombie_children(pids)),
         "pss_kb": sum(pss_kb(pid) for pid in pids),
     }
+    print(f"\n[{label}] processes {len(pids)}: {figures}")
+    return figures
 
 
 def flat(before: Dict[str, int], after: Dict[str, int], pss_slack_kb: int = 4096) -> bool:

@@ -60,6 +60,15 @@ def pooled_cgroup_fds(pid: int) -> int:
     return count
 
 
+def pss_kb(pid: int) -> int:
+    """The proportional set size of ``pid``, in kB (``smaps_rollup``)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no Pss line in /proc/{pid}/smaps_rollup")
+
+
 def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while True:

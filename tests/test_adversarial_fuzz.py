@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
-from procs import fd_count, settle, wait_for, zombie_children
+from adversarial import snapshot
+from procs import fd_count, settle, wait_for
 from rawclient import ProtocolViolation, RawClient, extended, frame, simple
 
 import errand_boy
@@ -160,20 +161,6 @@ def send_case(path: str, case: Case) -> str:
         return code or "ok"
 
 
-def server_snapshot(label: str, pids: List[int]) -> Dict[str, int]:
-    def pss(pid: int) -> int:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
-
-    figures = {
-        "fds": sum(fd_count(pid) for pid in pids),
-        "zombies": len(zombie_children(pids)),
-        "pss_kib": sum(pss(pid) for pid in pids),
-    }
-    print(f"\n[{label}] processes {len(pids)}: {figures}")
-    return figures
-
-
 def sanity(path: str) -> None:
     with RawClient(path, timeout=15) as client:
         client.send(simple(b"echo still serving"))
@@ -214,7 +201,7 @@ def test_fuzz_of_malformed_requests(start_server: Callable, scratch_cwd: Dict[st
     pids = [master, *workers]
     sanity(server.socket_path)
     settle(pids)
-    before = server_snapshot("fuzz before", pids)
+    before = snapshot("fuzz before", pids)
 
     outcomes: Dict[str, int] = {}
     lock = threading.Lock()
@@ -239,10 +226,10 @@ def test_fuzz_of_malformed_requests(start_server: Callable, scratch_cwd: Dict[st
     # Connections closed early are let go within the drain and request timeouts.
     assert wait_for(lambda: sum(fd_count(pid) for pid in pids) <= before["fds"], 15, 0.2), (
         before,
-        server_snapshot("fuzz, descriptors not back", pids),
+        snapshot("fuzz, descriptors not back", pids),
     )
     settle(pids)
-    after = server_snapshot("fuzz after", pids)
+    after = snapshot("fuzz after", pids)
     assert after["fds"] == before["fds"] and after["zombies"] == 0, (before, after)
     assert children() == workers
     log = server.log()

@@ -21,10 +21,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Iterator, List
 
 import pytest
-from procs import fd_count, python_as_nobody_problem, settle, wait_for, zombie_children
+from adversarial import snapshot
+from procs import fd_count, python_as_nobody_problem, settle, wait_for
 from rawclient import RawClient, simple
 
 import errand_boy
@@ -130,30 +131,11 @@ def start_refused(path: str) -> str:
     return result.stderr.decode()
 
 
-def pss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    raise AssertionError("no Pss line")
-
-
 def server_pids(server) -> List[int]:
     """The master and its workers."""
     master = server.pid
     kids = Path(f"/proc/{master}/task/{master}/children").read_text().split()
     return [master, *map(int, kids)]
-
-
-def snapshot(label: str, pids: List[int]) -> Dict[str, int]:
-    """Descriptors, zombies and PSS of ``pids``, printed for the report."""
-    figures = {
-        "fds": sum(fd_count(pid) for pid in pids),
-        "zombies": len(zombie_children(pids)),
-        "pss_kib": sum(pss_kib(pid) for pid in pids),
-    }
-    print(f"\n[{label}] processes {len(pids)}: {figures}")
-    return figures
 
 
 # ----------------------------------------------------------------------
@@ -416,9 +398,9 @@ def test_buffered_request_bytes_are_capped_and_normal_clients_served(start_serve
     socks = flood(server.socket_path, FLOOD_CONNECTIONS, FLOOD_BYTES)
     try:
         during = snapshot("request-bytes cap, flooded", pids)
-        grown = (during["pss_kib"] - before["pss_kib"]) << 10
+        grown = (during["pss_kb"] - before["pss_kb"]) << 10
         print(f"[request-bytes cap] PSS grew by {grown >> 20} MiB with a cap of {CAP >> 20} MiB")
-        assert during["pss_kib"] << 10 < CAP + (64 << 20)
+        assert during["pss_kb"] << 10 < CAP + (64 << 20)
         assert grown < CAP + (16 << 20)
         # Meanwhile, a client whose request fits in a small read is served.
         started = time.monotonic()

@@ -14,11 +14,10 @@ import resource
 import selectors
 import socket
 import time
-from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
-from procs import wait_for, zombie_children
+from procs import pss_kb, wait_for, zombie_children
 from rawclient import Frame, FrameSplitter
 
 COUNT = 1000
@@ -167,17 +166,10 @@ def test_1000_idle_connections_leave_the_server_serving(start_server) -> None:
     check_replies(replies, [f"{i}\n".encode() for i in range(COUNT)], [0] * COUNT)
 
 
-def _pss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no Pss line in /proc/{pid}/smaps_rollup")
-
-
 def _settled_pss(pids: List[int]) -> int:
     last = -1
     for _ in range(50):
-        now = sum(_pss_kib(pid) for pid in pids)
+        now = sum(pss_kb(pid) for pid in pids)
         if now == last:
             break
         last = now
