@@ -22,10 +22,10 @@ import logging
 import os
 import select
 import socket
-import struct
 
 from .. import protocol
 from . import scoreboard as sb
+from .listener import peer_credentials
 from .loop import IN, Timer
 
 TYPE_CHECKING = False
@@ -38,7 +38,6 @@ log = logging.getLogger("errand_boy.server")
 
 BACKOFF_FIRST = 0.01
 BACKOFF_MAX = 0.5
-_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def _open_spare() -> int:
@@ -98,7 +97,7 @@ class AcceptGuard:
             worker.board.add(worker.index, sb.ACCEPTED)
             worker.board.add(worker.index, sb.BUSY)
             sock.setblocking(False)
-            _, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+            _, uid, gid = peer_credentials(sock)
             if worker.allowed(sock, uid, gid):
                 reply = protocol.error_frame(
                     "busy", "the server has run out of file descriptors; try again later"

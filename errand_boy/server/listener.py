@@ -81,10 +81,20 @@ def _probe(path: str, fd: int) -> Tuple[bool, Optional[int]]:
     else:
         # The listening socket's credentials are those of the process
         # that created it: the other server's master.
-        pid = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        pid = peer_credentials(probe)[0]
         return True, pid
     finally:
         probe.close()
+
+
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_credentials(sock: socket.socket) -> Tuple[int, int, int]:
+    """The pid, uid and gid of the process at the other end (``SO_PEERCRED``,
+    as the kernel recorded them at connect() or listen())."""
+    pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    return pid, uid, gid
 
 
 def _clear_path(path: str) -> None:

@@ -34,6 +34,7 @@ from .connection import Connection
 from .containment import CommandCgroups
 from .fastpath import first_read
 from .leaders import Leaders
+from .listener import peer_credentials
 from .logs import DeferredRecords, command_text, flush_summaries
 from .loop import IN, Loop
 from .scoreboard import Scoreboard, now_us
@@ -49,7 +50,6 @@ log = logging.getLogger("errand_boy.server")
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
-_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 ACCEPT_BATCH = 16
 #: Handled through the loop; blocked from fork until the handlers are in place.
 WORKER_SIGNALS = frozenset(
@@ -267,7 +267,7 @@ class Worker:
     def welcome(self, sock: socket.socket, refuse: Optional[str] = None) -> Connection:
         """Take a new connection; ``refuse`` answers it with shutting-down."""
         sock.setblocking(False)
-        pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+        pid, uid, gid = peer_credentials(sock)
         conn = Connection(self, sock, uid, pid)
         self.connections.add(conn)
         if not self.allowed(sock, uid, gid):
