@@ -63,17 +63,23 @@ def stream_local(nbytes: int) -> float:
 @figure("throughput")
 def throughput(run: Run) -> List[Measure]:
     """MB/s of 1 GB of stdout read 64 KiB at a time: server against local pipe."""
+    return _mb_per_second(run, stream_errand, stream_local, "MB/s reading {mb:g} MB by read(65536)")
+
+
+def _mb_per_second(
+    run: Run, errand: Callable[[BenchServer, int], float], local: Callable[[int], float], metric: str
+) -> List[Measure]:
+    """One MB/s figure: ``errand(server, nbytes)`` against ``local(nbytes)``,
+    interleaved, after a warm-up of a tenth of the bytes."""
     nbytes = run.count(GB, 100_000_000)
     repeats = run.repeat(3)
     with run.server() as server:
-        stream_errand(server, nbytes // 10)  # warm-up
-        errand, local = interleave(
-            lambda: stream_errand(server, nbytes), lambda: stream_local(nbytes), repeats
-        )
+        errand(server, nbytes // 10)  # warm-up
+        errands, locals_ = interleave(lambda: errand(server, nbytes), lambda: local(nbytes), repeats)
     return [
         Measure(
-            f"MB/s reading {nbytes / 1e6:g} MB by read(65536)", "MB/s", median(errand), median(local),
-            ratio_at_least(0.9), errand, local, note=f"{repeats} interleaved repeats",
+            metric.format(mb=nbytes / 1e6), "MB/s", median(errands), median(locals_),
+            ratio_at_least(0.9), errands, locals_, note=f"{repeats} interleaved repeats",
         )
     ]  # fmt: skip
 
@@ -103,19 +109,7 @@ def capture_local(nbytes: int) -> float:
 @figure("capture")
 def capture(run: Run) -> List[Measure]:
     """MB/s of 1 GB of stdout captured whole: ``run_cmd`` against ``subprocess.run``."""
-    nbytes = run.count(GB, 100_000_000)
-    repeats = run.repeat(3)
-    with run.server() as server:
-        capture_errand(server, nbytes // 10)  # warm-up
-        errand, local = interleave(
-            lambda: capture_errand(server, nbytes), lambda: capture_local(nbytes), repeats
-        )
-    return [
-        Measure(
-            f"MB/s capturing {nbytes / 1e6:g} MB with run_cmd", "MB/s", median(errand), median(local),
-            ratio_at_least(0.9), errand, local, note=f"{repeats} interleaved repeats",
-        )
-    ]  # fmt: skip
+    return _mb_per_second(run, capture_errand, capture_local, "MB/s capturing {mb:g} MB with run_cmd")
 
 
 # --------------------------------------------------------------------------
