@@ -15,7 +15,7 @@ import subprocess
 from typing import Dict, List, Optional
 
 from conftest import ServerProcess
-from procs import all_pids, fd_count, pooled_cgroup_fds, proc_stat, pss_kb, zombie_children
+from procs import all_pids, fd_count, live_children, pooled_cgroup_fds, proc_stat, pss_kb, zombie_children
 
 
 class IsolatedServer(ServerProcess):
@@ -39,7 +39,7 @@ class IsolatedServer(ServerProcess):
         )
         self.wait_ready()
         # The master: unshare's child (unshare itself blocks SIGTERM).
-        self.master = children_of(self.proc.pid)[0] if prefix else self.proc.pid
+        self.master = live_children(self.proc.pid)[0] if prefix else self.proc.pid
 
     def stop(self, timeout: float = 20.0) -> int:
         if self.master != self.proc.pid and self.proc.poll() is None:
@@ -48,15 +48,6 @@ class IsolatedServer(ServerProcess):
             except ProcessLookupError:
                 pass
         return super().stop(timeout)
-
-
-def children_of(pid: int) -> List[int]:
-    found = []
-    for child in all_pids():
-        st = proc_stat(child)
-        if st is not None and st[1] == pid and st[0] != "Z":
-            found.append(child)
-    return found
 
 
 def descendants(pid: int) -> List[int]:

@@ -60,6 +60,16 @@ def pooled_cgroup_fds(pid: int) -> int:
     return count
 
 
+def live_children(pid: int) -> List[int]:
+    """The children of ``pid`` that are not zombies."""
+    found = []
+    for child in all_pids():
+        st = proc_stat(child)
+        if st is not None and st[1] == pid and st[0] != "Z":
+            found.append(child)
+    return found
+
+
 def pss_kb(pid: int) -> int:
     """The proportional set size of ``pid``, in kB (``smaps_rollup``)."""
     with open(f"/proc/{pid}/smaps_rollup") as f:

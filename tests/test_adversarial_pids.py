@@ -24,8 +24,8 @@ import time
 from typing import Dict, Iterator, List
 
 import pytest
-from adversarial import IsolatedServer, cgroup_dir, children_of, descendants, flat, footprint, unshare_prefix
-from procs import settle, wait_for
+from adversarial import IsolatedServer, cgroup_dir, descendants, flat, footprint, unshare_prefix
+from procs import live_children, settle, wait_for
 from rawclient import RawClient, extended, frame, run
 
 pytestmark = pytest.mark.slow  # the adversarial suite: real attacks, seconds each
@@ -51,7 +51,7 @@ def _slow_missing_dir(root: str) -> str:
 def _workers(master: int, killed: set[int]) -> List[int]:
     return [
         pid
-        for pid in children_of(master)
+        for pid in live_children(master)
         if pid not in killed and _title(pid).startswith(b"errand-boy worker")
     ]
 
@@ -76,7 +76,7 @@ def _forked(pid: int) -> List[int]:
     except FileNotFoundError:
         return []
     except OSError:
-        return children_of(pid)
+        return live_children(pid)
 
 
 @pytest.fixture

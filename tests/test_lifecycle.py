@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from procs import all_pids, fd_count, my_server_processes, proc_stat, wait_for, zombie_children
+from procs import all_pids, fd_count, live_children, my_server_processes, proc_stat, wait_for, zombie_children
 from rawclient import ProtocolViolation, RawClient, Reply, extended, frame, run, simple
 
 from errand_boy.exceptions import Busy, ConnectionLost, Forbidden
@@ -51,16 +51,6 @@ ERROR_CODES = {"bad-request", "too-large", "forbidden", "spawn-failed", "busy", 
 def group_members(pgid: int) -> List[int]:
     """Every process (zombies included) in process group ``pgid``."""
     return [pid for pid in all_pids() if (proc_stat(pid) or ("", 0, -1))[2] == pgid]
-
-
-def live_children(pid: int) -> List[int]:
-    """The children of ``pid`` that are not zombies."""
-    found = []
-    for child in all_pids():
-        st = proc_stat(child)
-        if st is not None and st[1] == pid and st[0] != "Z":
-            found.append(child)
-    return found
 
 
 def gone(pid: int) -> bool:
