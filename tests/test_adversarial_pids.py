@@ -21,11 +21,11 @@ import signal
 import socket
 import tempfile
 import time
-from typing import Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List
 
 import pytest
 from adversarial import IsolatedServer, cgroup_dir, descendants, flat, footprint, unshare_prefix
-from procs import live_children, settle, wait_for
+from procs import fd_count, live_children, settle, wait_for
 from rawclient import RawClient, extended, frame, run
 
 pytestmark = pytest.mark.slow  # the adversarial suite: real attacks, seconds each
@@ -88,6 +88,22 @@ def slow_dir() -> Iterator[str]:
         shutil.rmtree(root)
 
 
+def _holding_still(look: Callable[[], object], seconds: float) -> Callable[[], bool]:
+    """A predicate for wait_for: true once ``look()`` has given the same
+    answer for ``seconds``."""
+    seen: object = None
+    since = 0.0
+
+    def still() -> bool:
+        nonlocal seen, since
+        now, answer = time.monotonic(), look()
+        if answer != seen:
+            seen, since = answer, now
+        return now - since >= seconds
+
+    return still
+
+
 def test_master_never_kills_its_own_group(sock_dir: str, slow_dir: str) -> None:
     """SIGKILL a worker while the command it forks is still in the master's
     process group, 200 times: the master must survive every round (it used
@@ -113,7 +129,11 @@ def test_master_never_kills_its_own_group(sock_dir: str, slow_dir: str) -> None:
     try:
         assert wait_for(lambda: len(_workers(master, killed)) == 1, 10.0)
         assert wait_for(lambda: footprint([master])["zombies"] == 0, 5.0)
-        settle([master])  # (a worker just started may still have descriptors open in the master)
+        # The start-up probe was the first worker's one connection: it
+        # retires and the master starts another, holding descriptors for
+        # both meanwhile. Read once the workers and the descriptors have
+        # held still for a second.
+        assert wait_for(_holding_still(lambda: (_workers(master, killed), fd_count(master)), 1.0), 15.0, 0.05)
         before = footprint([master])
         rng = random.Random(8)
         started = time.monotonic()
