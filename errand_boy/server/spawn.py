@@ -88,7 +88,7 @@ def grow_pipe(fd: int) -> None:
 
 _devnull_fd = -1  # the worker's /dev/null (read-write)
 _home_fd = -1  # the worker's own working directory (O_PATH)
-_prepared_pid = 0
+_prepared = False  # in this process (a fork's child prepares again)
 _server_env: Optional[Dict[bytes, bytes]] = None  # the server's environment, as it started
 
 
@@ -114,8 +114,8 @@ def prepare() -> None:
     them. A worker calls this as it starts, so that its descriptor count
     stays flat from then on.
     """
-    global _prepared_pid, _devnull_fd, _home_fd
-    if _prepared_pid == os.getpid():
+    global _prepared, _devnull_fd, _home_fd
+    if _prepared:
         return
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -128,7 +128,15 @@ def prepare() -> None:
         snapshot_env()
     _devnull_fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     _home_fd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    _prepared_pid = os.getpid()
+    _prepared = True
+
+
+def _forget_prepared() -> None:
+    global _prepared
+    _prepared = False  # a forked worker prepares again: its own sweep and descriptors
+
+
+os.register_at_fork(after_in_child=_forget_prepared)
 
 
 class _Plan:
@@ -146,6 +154,9 @@ class _Plan:
 
 
 def _plan(request: Request, fds: Sequence[int]) -> _Plan:
+    if request.stdin == request.stdout == request.stderr == "fd" and not request.pass_fds:
+        # The usual request (the caller's own descriptors): no pipe, no lookup.
+        return _Plan([(fds[0], 0), (fds[1], 1), (fds[2], 2)], Child(0, None, None, None), [])
     received = dict(zip(request.fd_targets, fds))
     plan = _Plan([], Child(0, None, None, None), [])
     try:

@@ -50,7 +50,6 @@ log = logging.getLogger("errand_boy.server")
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
-ACCEPT_BATCH = 16
 #: Handled through the loop; blocked from fork until the handlers are in place.
 WORKER_SIGNALS = frozenset(
     (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2)
@@ -235,34 +234,37 @@ class Worker:
     # connections
 
     def on_accept(self, mask: int) -> None:
-        config = self.config
-        for _ in range(ACCEPT_BATCH):
-            listener = self.listener
-            if listener is None:
-                return
-            try:
-                sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno == errno.ECONNABORTED:
-                    continue
+        """Take one connection. (No second accept() to see whether another
+        is waiting: that failed call would run while the command just
+        started is still exec()ing, on the same CPU more often than not.
+        The listener is level-triggered: the loop comes back here at once
+        while connections wait, with its other events served in between.)"""
+        listener = self.listener
+        if listener is None:
+            return
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return  # another worker took it
+        except OSError as exc:
+            if exc.errno != errno.ECONNABORTED:
                 self.accept_guard.failed(listener, exc)  # backs off
-                return
-            self.accept_guard.accepted()
-            self.board.add(self.index, sb.ACCEPTED)
-            number = self.board.take_accept(config.max_accepts) if config.max_accepts else -1
-            if number == 0:  # another worker took the last one
-                self.welcome(sock, "the server has served its --max-accepts connections")
-                continue
-            self.welcome(sock)
-            if number == config.max_accepts:
-                self.tell_master(b"A")
-                self.stop_accepting()
-            self.commands += 1
-            if config.max_child_tasks and self.commands >= config.max_child_tasks:
-                self.tell_master(b"R")
-                self.stop_accepting()
+            return
+        self.accept_guard.accepted()
+        self.board.add(self.index, sb.ACCEPTED)
+        config = self.config
+        number = self.board.take_accept(config.max_accepts) if config.max_accepts else -1
+        if number == 0:  # another worker took the last one
+            self.welcome(sock, "the server has served its --max-accepts connections")
+            return
+        self.welcome(sock)
+        if number == config.max_accepts:
+            self.tell_master(b"A")
+            self.stop_accepting()
+        self.commands += 1
+        if config.max_child_tasks and self.commands >= config.max_child_tasks:
+            self.tell_master(b"R")
+            self.stop_accepting()
 
     def welcome(self, sock: socket.socket, refuse: Optional[str] = None) -> Connection:
         """Take a new connection; ``refuse`` answers it with shutting-down."""
