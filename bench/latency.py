@@ -6,12 +6,15 @@ shell command: ``/bin/sh -c CMD``, with its output captured.
 
 from __future__ import annotations
 
+import array
 import json
+import os
 import socket
 import subprocess
 import time
 from typing import Callable, List, Tuple
 
+from errand_boy.protocol import encode_request
 from errand_boy.transports.unixsocket import UNIXSocketTransport
 
 from .harness import (
@@ -65,7 +68,73 @@ def roundtrip(run: Run) -> List[Measure]:
                     ratio_at_most(1.15), ms, base, note=f"{pairs} interleaved pairs",
                 )
             )  # fmt: skip
+        # The server alone: the same exchange as run_cmd's, from a bare socket.
+        request = bare_request("true")
+        for _ in range(run.count(50, 10)):
+            raw_fd_run(server.socket_path, request)
+        errand, local = interleave(
+            lambda: timed(lambda: raw_fd_run(server.socket_path, request)),
+            lambda: timed(lambda: local_run("true")),
+            pairs,
+        )
+        ms = [t * 1e3 for t in errand]
+        base = [t * 1e3 for t in local]
+        measures.append(
+            Measure(
+                "median wall time of one `true` (bare socket, descriptors)", "ms", median(ms), median(base),
+                None, ms, base,
+                note=f"{pairs} interleaved pairs; no target: run_cmd's request and descriptors from a "
+                "bare socket, without the client library (what the server costs on its own)",
+            )
+        )  # fmt: skip
     return measures
+
+
+def bare_request(cmd: str) -> bytes:
+    """The request run_cmd sends for ``cmd``: this process's cwd and
+    environment, its three streams as descriptors."""
+    return encode_request(cmd=cmd, cwd=os.getcwd(), env=os.environ, stdin="fd", stdout="fd", stderr="fd")
+
+
+def raw_fd_run(socket_path: str, request: bytes) -> bytes:
+    """``request`` (from :func:`bare_request`) through a bare socket, with
+    three new pipes as the command's streams (nothing written to its stdin),
+    as run_cmd would: the command's stdout, or raises when it failed.
+
+    No client library and no check of the server's credentials: the
+    exchange itself, for the server's share of a round trip.
+    """
+    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    os.close(stdin_w)
+    reply = bytearray()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(socket_path)
+            rights = array.array("i", (stdin_r, out_w, err_w)).tobytes()
+            sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+            for fd in (stdin_r, out_w, err_w):
+                os.close(fd)
+            stdin_r = out_w = err_w = -1
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        out = bytearray()
+        while True:  # (the command has exited: the pipe is at its end once drained)
+            chunk = os.read(out_r, 65536)
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        for fd in (stdin_r, out_w, err_w, out_r, err_r):
+            if fd >= 0:
+                os.close(fd)
+    if not _succeeded(_frames(bytes(reply))):
+        raise RuntimeError(f"the command failed: {bytes(reply[-200:])!r}")
+    return bytes(out)
 
 
 def _rate(call: Callable[[], object], threads: int, seconds: float) -> float:
@@ -133,17 +202,26 @@ def raw_run(socket_path: str, cmd: str) -> bytes:
             if not chunk:
                 break
             data += chunk
-    out, pos, kind, payload = bytearray(), 0, b"", b""
+    frames = _frames(data)
+    if _succeeded(frames):
+        return b"".join(payload for kind, payload in frames if kind == b"O")
+    return b"failed: " + bytes(data[-200:])
+
+
+def _frames(data: bytes) -> List[Tuple[bytes, bytes]]:
+    """A whole reply's frames: (kind, payload) pairs."""
+    frames, pos = [], 0
     while pos < len(data):  # frames: <kind> <length>\r\n<payload>
         end = data.index(b"\r\n", pos)
         kind, length = bytes(data[pos:end]).split(b" ")
-        payload = bytes(data[end + 2 : end + 2 + int(length)])
+        frames.append((kind, bytes(data[end + 2 : end + 2 + int(length)])))
         pos = end + 2 + int(length)
-        if kind == b"O":
-            out += payload
-    if kind == b"X" and json.loads(payload)["returncode"] == 0:
-        return bytes(out)
-    return b"failed: " + bytes(data[-200:])
+    return frames
+
+
+def _succeeded(frames: List[Tuple[bytes, bytes]]) -> bool:
+    """The reply ends with an X frame of exit status 0."""
+    return bool(frames) and frames[-1][0] == b"X" and json.loads(frames[-1][1])["returncode"] == 0
 
 
 def _three_ways(calls: Tuple[Callable[[], float], ...], repeats: int) -> List[List[float]]:
