@@ -43,20 +43,34 @@ def local_run(cmd: str) -> subprocess.CompletedProcess[bytes]:
 
 @figure("roundtrip")
 def roundtrip(run: Run) -> List[Measure]:
-    """Median wall time of one ``true``: ``run_cmd`` against ``subprocess.run``."""
+    """Median wall time of one ``true``: ``run_cmd`` against ``subprocess.run``.
+
+    Descriptors (the default), then frames (relayed through the socket),
+    then run_cmd's exchange from a bare socket (no target: the server's
+    share of the round trip, without the client library).
+    """
     pairs = run.repeat(500, 50)
-    measures = []
     with run.server() as server:
-        # Descriptors (the default), then frames (relayed through the socket).
-        for label, transport in (
-            ("descriptors", server.transport),
-            ("frames", UNIXSocketTransport(server.socket_path, frames=True)),
-        ):
+        frames = UNIXSocketTransport(server.socket_path, frames=True)
+        request = bare_request("true")
+        ways = (
+            ("descriptors", lambda: server.transport.run_cmd("true"), ratio_at_most(1.15), ""),
+            ("frames", lambda: frames.run_cmd("true"), ratio_at_most(1.15), ""),
+            (
+                "bare socket, descriptors",
+                lambda: raw_fd_run(server.socket_path, request),
+                None,
+                "; no target: run_cmd's request and descriptors from a bare socket, without the "
+                "client library (what the server costs on its own)",
+            ),
+        )
+        measures = []
+        for label, call, target, note in ways:
             for _ in range(run.count(50, 10)):  # warm-up: imports, caches, both workers
-                transport.run_cmd("true")
+                call()
                 local_run("true")
             errand, local = interleave(
-                lambda t=transport: timed(lambda: t.run_cmd("true")),
+                lambda call=call: timed(call),
                 lambda: timed(lambda: local_run("true")),
                 pairs,
             )
@@ -65,28 +79,9 @@ def roundtrip(run: Run) -> List[Measure]:
             measures.append(
                 Measure(
                     f"median wall time of one `true` ({label})", "ms", median(ms), median(base),
-                    ratio_at_most(1.15), ms, base, note=f"{pairs} interleaved pairs",
+                    target, ms, base, note=f"{pairs} interleaved pairs{note}",
                 )
             )  # fmt: skip
-        # The server alone: the same exchange as run_cmd's, from a bare socket.
-        request = bare_request("true")
-        for _ in range(run.count(50, 10)):
-            raw_fd_run(server.socket_path, request)
-        errand, local = interleave(
-            lambda: timed(lambda: raw_fd_run(server.socket_path, request)),
-            lambda: timed(lambda: local_run("true")),
-            pairs,
-        )
-        ms = [t * 1e3 for t in errand]
-        base = [t * 1e3 for t in local]
-        measures.append(
-            Measure(
-                "median wall time of one `true` (bare socket, descriptors)", "ms", median(ms), median(base),
-                None, ms, base,
-                note=f"{pairs} interleaved pairs; no target: run_cmd's request and descriptors from a "
-                "bare socket, without the client library (what the server costs on its own)",
-            )
-        )  # fmt: skip
     return measures
 
 
