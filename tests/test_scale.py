@@ -207,3 +207,23 @@ def test_connections_have_no_instance_dict() -> None:
     from errand_boy.server.connection import Connection
 
     assert Connection.__dictoffset__ == 0
+
+
+def test_connection_parts_are_all_bound() -> None:
+    """Connection's methods written in its part modules are each bound in
+    its class body (a function left out would be dead code, and its
+    callers would fail only when they reach it)."""
+    import inspect
+
+    from errand_boy.server import _conn_end, _conn_pipes
+    from errand_boy.server.connection import Connection
+
+    for part in (_conn_pipes, _conn_end):
+        functions = [
+            value
+            for value in vars(part).values()
+            if inspect.isfunction(value) and value.__module__ == part.__name__
+        ]
+        assert functions, part
+        for function in functions:
+            assert vars(Connection).get(function.__name__) is function, function
