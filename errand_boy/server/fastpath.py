@@ -20,18 +20,14 @@ watched for ``K`` frames and for the client going away).
 
 from __future__ import annotations
 
-import socket
-
 from ..exceptions import RemoteProtocolError
 from ..protocol import MAGIC, TERMINATOR, parse_extended_block
-from .connection import ANCILLARY_SIZE, REQUEST_RECV_SIZE, _received_fds
+from .connection import _MSG_CTRUNC, _RECV_FLAGS, ANCILLARY_SIZE, REQUEST_RECV_SIZE, _received_fds
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .connection import Connection
 
-_MSG_CTRUNC = socket.MSG_CTRUNC
-_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
 _MAGIC_SIZE = len(MAGIC)
 
 
