@@ -138,6 +138,7 @@ def test_run_cmd_fast_equals_general(paths: Paths, path: str, cmd: Any, options:
         both(paths, lambda data=data: client.run_cmd(cmd, data, socket_path=path, **options))
     transport = UNIXSocketTransport(path)
     both(paths, lambda: transport.run_cmd(cmd, b"via the transport", **options))
+    both(paths, lambda: client.run_cmd(cmd, b"with a timeout", socket_path=path, timeout=30, **options))
 
 
 RUN_STREAMS: List[Dict[str, Any]] = [
@@ -165,6 +166,11 @@ def test_run_fast_equals_general(
             lambda data=data: client.run(
                 cmd, input=data, capture_output=True, socket_path=path, check=check, **options
             ),
+        )
+    for timeout in (30, 29.5):
+        both(
+            paths,
+            lambda t=timeout: client.run(cmd, capture_output=True, timeout=t, socket_path=path, **options),
         )
 
 
@@ -197,6 +203,74 @@ def test_a_server_default_timeout_is_the_same(paths: Paths, start_server: Any) -
     assert result[1] is subprocess.TimeoutExpired and result[3]["output"] == b"partial\n", result
     result = both(paths, lambda: client.run_cmd("echo partial; sleep 30", socket_path=limited))
     assert result[1:3] == (b"partial\n", b"") and result[6] is True, result
+
+
+def test_timeouts_are_the_same(paths: Paths, path: str) -> None:
+    # The server kills the command at its timeout: run() raises
+    # TimeoutExpired (with the timeout given and the output so far),
+    # run_cmd() reports it.
+    result = both(
+        paths,
+        lambda: client.run("echo partial; sleep 30", capture_output=True, timeout=0.5, socket_path=path),
+    )
+    assert result[1] is subprocess.TimeoutExpired, result
+    assert (result[3]["output"], result[3]["timeout"]) == (b"partial\n", 0.5), result
+    result = both(paths, lambda: client.run_cmd("echo partial; sleep 30", timeout=0.5, socket_path=path))
+    assert result[1:3] == (b"partial\n", b"") and result[5:7] == ("timeout", True), result
+    # Timeouts the protocol refuses fail alike, before connecting, whichever path.
+    for bad in (0, -1, float("nan"), float("inf"), True, "1"):
+        for call in (
+            lambda t=bad: client.run("true", timeout=t, socket_path=path),
+            lambda t=bad: client.run_cmd("true", timeout=t, socket_path=path),
+        ):
+            result = both(paths, call, taken=type(bad) in (int, float))
+            assert result[1] is LocalProtocolError, (bad, result)
+    # The longest timeout the protocol takes waits as long as it must.
+    assert both(paths, lambda: client.run("true", timeout=1e300, socket_path=path))[:3] == (
+        "completed",
+        "true",
+        0,
+    )
+
+
+def test_run_gives_up_on_a_server_that_ignores_its_timeout(
+    paths: Paths, sock_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server that starts the command and then says nothing: run() waits
+    # for the timeout and its grace, gives the command up (K 9, then the
+    # connection closed) and raises TimeoutExpired, on both paths.
+    monkeypatch.setattr(client, "TIMEOUT_GRACE", 0.2)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(sock_dir, "mute"))
+    listener.listen(8)
+    received: List[bytes] = []
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                request = conn.recv(65536)
+                while not request.endswith(protocol.TERMINATOR):
+                    request += conn.recv(65536)
+                conn.sendall(protocol.started_frame(4242))
+                rest = b""
+                while True:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    rest += chunk
+                received.append(rest)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        where = listener.getsockname()
+        result = both(paths, lambda: client.run("true", capture_output=True, timeout=0.1, socket_path=where))
+        thread.join(10)
+    finally:
+        listener.close()
+    assert result[1] is subprocess.TimeoutExpired and result[3]["timeout"] == 0.1, result
+    assert received == [protocol.signal_frame(9)] * 2
 
 
 def test_untrusted_server_is_refused_before_a_byte(
@@ -258,9 +332,12 @@ def test_large_input_and_other_options_take_the_general_path(paths: Paths, path:
     assert paths.fast(lambda: client.run_cmd("wc -c", big, socket_path=path), taken=False)[
         1
     ] == b"%d\n" % len(big)
-    for options in ({"text": True}, {"cwd": "/"}, {"env": {"A": "1"}}, {"timeout": 30}, {"bufsize": 0}):
+    for options in ({"text": True}, {"cwd": "/"}, {"env": {"A": "1"}}, {"bufsize": 0}):
         paths.fast(lambda o=options: client.run_cmd("pwd", socket_path=path, **o), taken=False)
-    paths.fast(lambda: client.run("true", timeout=30, socket_path=path), taken=False)
+    from decimal import Decimal
+
+    paths.fast(lambda: client.run("true", timeout=Decimal(30), socket_path=path), taken=False)
+    paths.fast(lambda: client.run_cmd("true", timeout=Decimal(30), socket_path=path), taken=False)
     paths.fast(lambda: client.run("true", stdout=subprocess.PIPE, text=True, socket_path=path), taken=False)
     with tempfile.TemporaryFile() as file:
         paths.fast(lambda: client.run("echo f", stdout=file, socket_path=path), taken=False)
@@ -345,11 +422,19 @@ def test_default_request_is_the_general_encoders(
     target: Dict[str, Any], wire: Dict[str, str], cwd: str
 ) -> None:
     env = _fds.environment_member()
-    general = _fds.with_member(protocol.encode_request(**target, cwd=cwd, **wire), env)
-    assert _request.default_request(target, cwd, wire, env) == general
-    assert _request.default_request(target, cwd, wire, env) == general  # cached
-    launch = _core.Launch("/x", target, cwd=cwd)
-    assert launch._request(wire, ()) == general
+    for timeout in (None, 2, 0.25):
+        general = _fds.with_member(protocol.encode_request(**target, cwd=cwd, timeout=timeout, **wire), env)
+        assert _request.default_request(target, cwd, wire, env, timeout) == general
+        assert _request.default_request(target, cwd, wire, env, timeout) == general  # cached
+        launch = _core.Launch("/x", target, cwd=cwd, timeout=timeout)
+        assert launch._request(wire, ()) == general
+
+
+def test_the_tail_cache_tells_true_from_one() -> None:
+    assert b'"timeout":1' in _request.default_request({"cmd": "x"}, "/", WIRES[0], b'"env":{}', 1)
+    assert not _request.plain_timeout(True)
+    with pytest.raises(LocalProtocolError):
+        _request.default_request({"cmd": "x"}, "/", WIRES[0], b'"env":{}', True)
 
 
 @pytest.mark.parametrize(

@@ -159,7 +159,8 @@ def run_cmd(
         data = _fast.input_bytes(input)
         if data is not None:
             target = _target(cmd, options.get("shell"))
-            done = _fast.run_cmd(cmd, target, wire, data, socket_path, options.get("trusted_uids"))
+            trusted_uids, timeout = options.get("trusted_uids"), options.get("timeout")
+            done = _fast.run_cmd(cmd, target, wire, data, socket_path, trusted_uids, timeout)
             if done is not None:
                 return done
     process = Popen(cmd, socket_path=socket_path, _input=b"" if input is None else input, **options)
@@ -190,14 +191,17 @@ def run(
     :class:`subprocess.CalledProcessError`. ``options`` are Popen's.
     """
     stdin, stdout, stderr = _run_streams(input, capture_output, stdin, stdout, stderr)
-    wire = None if timeout is not None else _fast.usable(options, stdin, stdout, stderr)
+    wire = _fast.usable(options, stdin, stdout, stderr) if _fast.plain_timeout(timeout) else None
     if wire is not None:  # the common case, done leanly (same result)
         data = _fast.input_bytes(input)
         if data is not None:
             target = _target(args, options.get("shell"))
             streams = (stdin, stdout, stderr)
             trusted_uids = options.get("trusted_uids")
-            done = _fast.run(args, target, streams, wire, data, check, socket_path, trusted_uids)
+            deadline = _client_deadline(timeout)
+            done = _fast.run(
+                args, target, streams, wire, data, check, socket_path, trusted_uids, timeout, deadline
+            )
             if done is not None:
                 return done
     process = Popen(
@@ -215,9 +219,14 @@ def run(
     return CompletedProcess(process.args, returncode, out, err)
 
 
+def _client_deadline(timeout: Optional[float]) -> Optional[float]:
+    """When run() gives up on a server that has not enforced its ``timeout``."""
+    return None if timeout is None else time.monotonic() + timeout + TIMEOUT_GRACE
+
+
 def _run_communicate(process: Popen, timeout: Optional[float]) -> Tuple[Optional[bytes], Optional[bytes]]:
     """communicate() for run(): bytes, with a client-side deadline past the server's."""
-    deadline = None if timeout is None else time.monotonic() + timeout + TIMEOUT_GRACE
+    deadline = _client_deadline(timeout)
     try:
         return process._communicate_bytes(None, deadline, timeout)
     except TimeoutExpired:

@@ -29,7 +29,7 @@ from ..exceptions import BadRequest, ConnectionLost, RemoteProtocolError, error_
 from . import _fds
 from ._args import _output_plan, _stdin_plan
 from ._io import INPUT_FRAME_SIZE, _BytesSource, _discard, _file_sink, _Sink, _Source
-from ._request import default_request
+from ._request import default_request, plain_timeout
 
 #: Input up to this size travels in the same send as the request: the socket
 #: buffers take it whole, so it cannot block while output waits unread.
@@ -139,9 +139,9 @@ class Launch:
         return True
 
     def _request(self, wire: Dict[str, str], pass_fds: Sequence[int]) -> bytes:
-        default = self.env is None and not self.server_env and self.timeout is None and not pass_fds
+        default = self.env is None and not self.server_env and plain_timeout(self.timeout) and not pass_fds
         if default and type(self.cwd) is str:  # the common case, from cached parts
-            request = default_request(self.target, self.cwd, wire, _fds.environment_member())
+            request = default_request(self.target, self.cwd, wire, _fds.environment_member(), self.timeout)
             if request is not None:
                 return request
         request = protocol.encode_request(

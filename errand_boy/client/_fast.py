@@ -17,7 +17,9 @@ path's.
 It is taken only when its result is exactly the general path's: bytes mode
 (no ``text``/``encoding``), streams that are ``PIPE``, ``None`` or
 ``DEVNULL`` (``STDOUT`` for stderr), input that an empty pipe takes in one
-write (at most ``PIPE_BUF`` bytes), no timeout, descriptors (not frames,
+write (at most ``PIPE_BUF`` bytes), a timeout that is None or an int or
+float (``run``'s client-side deadline, past the server's, is kept as in
+the general path), descriptors (not frames,
 not a server known to speak revision 1), a command that is an ASCII str
 (or a list of them), the caller's working directory and environment, and
 a socket module and ``select.poll`` that nothing has monkey-patched (green
@@ -34,7 +36,8 @@ import os
 import select
 import socket
 import threading
-from subprocess import DEVNULL, PIPE, STDOUT, CalledProcessError, CompletedProcess
+import time
+from subprocess import DEVNULL, PIPE, STDOUT, CalledProcessError, CompletedProcess, TimeoutExpired
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ..defaults import resolve_socket_path
@@ -45,6 +48,7 @@ from ._connection import connect_checked
 from ._core import REVISION_ONE, CommandCore, Launch
 from ._launch import status_or_none
 from ._request import default_request
+from ._request import plain_timeout as plain_timeout
 from ._trust import trusted_uids_from
 from .popen import Popen, _timeout_expired
 
@@ -52,10 +56,11 @@ from .popen import Popen, _timeout_expired
 #: empty pipe takes PIPE_BUF bytes at once, whatever its size.
 INPUT_LIMIT = getattr(os, "PIPE_BUF", 512)
 _READ_SIZE = 32768
+_LONGEST_WAIT_MS = 86_400_000
 _RECV_SIZE = 65536
 
 #: Keyword arguments that leave a call on the fast path (the rest: general).
-_OPTIONS = frozenset(("trusted_uids", "shell"))
+_OPTIONS = frozenset(("trusted_uids", "shell", "timeout"))
 
 _Streams = Tuple[Any, Any, Any]
 _Output = Dict[int, Optional[List[bytes]]]
@@ -76,7 +81,7 @@ def _wire_value(target: Any, choices: Dict[int, str]) -> Optional[str]:
 def usable(options: Dict[str, Any], stdin: Any, stdout: Any, stderr: Any) -> Optional[Dict[str, str]]:
     """The streams' wire values when a call with these options and streams
     may take the fast path, else None."""
-    if options and not options.keys() <= _OPTIONS:
+    if options and not (options.keys() <= _OPTIONS and plain_timeout(options.get("timeout"))):
         return None
     if _fds._green() or getattr(select, "poll", None) is None:
         return None
@@ -127,17 +132,20 @@ def _abandon(sock: Any, core: CommandCore) -> None:
 
 def _call(
     socket_path: Optional[str], target: Dict[str, Any], streams: _Streams, wire: Dict[str, str],
-    trusted_uids: Any, data: bytes, keep: bool,
+    trusted_uids: Any, data: bytes, keep: bool, timeout: Any = None, deadline: Optional[float] = None,
 ) -> Optional[Tuple[CommandCore, _Output]]:  # fmt: skip
     """Run the command: its finished core and the output of its ``PIPE``
     streams; None to take the general path. ``keep``: an exception after
     the start closes the connection without a ``K 9`` (run_cmd's Popen,
-    dropped) instead of abandoning the command (run's)."""
+    dropped) instead of abandoning the command (run's). ``timeout`` goes
+    to the server; past the ``deadline`` (a ``time.monotonic()``), once the
+    command has started, :class:`subprocess.TimeoutExpired` is raised with
+    the output so far (its ``timeout`` to be set by the caller)."""
     path = resolve_socket_path(socket_path)
     cwd = _fds.caller_cwd()
     if cwd is None or path in REVISION_ONE:
         return None
-    request = default_request(target, cwd, wire, _fds.environment_member())
+    request = default_request(target, cwd, wire, _fds.environment_member(), timeout)
     if request is None:
         return None
     trusted = trusted_uids_from(trusted_uids)  # a bad setting fails before connecting
@@ -168,14 +176,17 @@ def _call(
     reading: Dict[int, List[bytes]] = {fd: [] for fd in ours.values()}  # the pipes not at their end
     output: _Output = {n: reading[ours[n]] if n in ours else None for n in (1, 2)}
     try:
-        _wait(sock, core, reading)
-    except BaseException:
+        _wait(sock, core, reading, deadline)
+    except BaseException as exc:
         for fd in reading:
             os.close(fd)
         if keep and core.pid is not None:
             sock.close()
         else:
             _abandon(sock, core)
+        if isinstance(exc, TimeoutExpired):
+            so_far = [b"".join(chunks) if chunks else None for chunks in (output[1], output[2])]
+            raise _timeout_expired(None, None, *so_far) from None
         raise
     if core.pid is None:  # never started: a ! frame, a lost connection, garbage
         try:
@@ -233,12 +244,13 @@ def _receive(sock: Any, core: CommandCore) -> None:
         sock.close()
 
 
-def _wait(sock: Any, core: CommandCore, reading: Dict[int, List[bytes]]) -> None:
+def _wait(sock: Any, core: CommandCore, reading: Dict[int, List[bytes]], deadline: Optional[float]) -> None:
     """Wait for the command's start as the general path does (a blocking
     receive: the server sends ``P`` whatever the command does with its
     pipes), then read the rest of the reply and the output pipes in
     ``reading`` to their end (as communicate() does) in one poll, closing
-    each pipe at its end. A command that never started ends it at once."""
+    each pipe at its end. A command that never started ends it at once.
+    Past the ``deadline``, :class:`subprocess.TimeoutExpired` is raised."""
     while core.pid is None and not core.finished:
         _receive(sock, core)
     if core.pid is None:  # never started: the general path raises at once
@@ -253,8 +265,15 @@ def _wait(sock: Any, core: CommandCore, reading: Dict[int, List[bytes]]) -> None
     if not core.finished:
         sock_fd = sock.fileno()
         poller.register(sock_fd, select.POLLIN)
+    wait_ms: Optional[int] = None
     while reading or not core.finished:
-        for fd, _ in poller.poll():
+        if deadline is not None:
+            left = (deadline - time.monotonic()) * 1000  # ms, rounded up; at most a day at a time
+            wait_ms = max(0, int(min(left, _LONGEST_WAIT_MS) + 0.999))
+        events = poller.poll(wait_ms)
+        if not events and wait_ms is not None and time.monotonic() >= deadline:  # type: ignore[operator]
+            raise _timeout_expired(None, None)  # (_call adds the output so far)
+        for fd, _ in events:
             if fd == sock_fd:
                 _receive(sock, core)
                 if core.finished:
@@ -271,16 +290,20 @@ def _wait(sock: Any, core: CommandCore, reading: Dict[int, List[bytes]]) -> None
 
 def run(
     args: Any, target: Dict[str, Any], streams: _Streams, wire: Dict[str, str], data: bytes, check: bool,
-    socket_path: Optional[str], trusted_uids: Any,
+    socket_path: Optional[str], trusted_uids: Any, timeout: Any = None, deadline: Optional[float] = None,
 ) -> Optional[CompletedProcess[Any]]:  # fmt: skip
-    """:func:`errand_boy.client.run` on the fast path (None: take the general one)."""
-    done = _call(socket_path, target, streams, wire, trusted_uids, data, keep=False)
+    """:func:`errand_boy.client.run` on the fast path (None: take the general one);
+    ``deadline``: when to give up on a server that did not enforce ``timeout``."""
+    try:
+        done = _call(socket_path, target, streams, wire, trusted_uids, data, False, timeout, deadline)
+    except TimeoutExpired as exc:  # (from _wait: the output so far, and nothing else)
+        raise _timeout_expired(args, timeout, exc.output, exc.stderr) from None
     if done is None:
         return None
     core, output = done
     out, err = [None if chunks is None else b"".join(chunks) for chunks in (output[1], output[2])]
-    if core.reason == "timeout":  # a limit of the server's own
-        raise _timeout_expired(args, None, out, err)
+    if core.reason == "timeout":  # the server killed it: for its timeout, or its default one
+        raise _timeout_expired(args, timeout, out, err)
     returncode = core.result()
     if check and returncode:
         raise CalledProcessError(returncode, args, output=out, stderr=err)
@@ -289,10 +312,11 @@ def run(
 
 def run_cmd(
     cmd: Any, target: Dict[str, Any], wire: Dict[str, str], data: bytes, socket_path: Optional[str],
-    trusted_uids: Any,
+    trusted_uids: Any, timeout: Any = None,
 ) -> Optional[Tuple[Popen, Any, Any]]:  # fmt: skip
-    """:func:`errand_boy.client.run_cmd` on the fast path (None: take the general one)."""
-    done = _call(socket_path, target, (PIPE, PIPE, PIPE), wire, trusted_uids, data, keep=True)
+    """:func:`errand_boy.client.run_cmd` on the fast path (None: take the general one).
+    The ``timeout`` is the server's alone, as in the general path."""
+    done = _call(socket_path, target, (PIPE, PIPE, PIPE), wire, trusted_uids, data, True, timeout)
     if done is None:
         return None
     core, output = done
