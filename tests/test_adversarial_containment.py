@@ -317,6 +317,91 @@ def test_cgroups_emptied_after_a_burst_are_reused(start_server) -> None:
     assert set(second) <= kept, (kept, second)
 
 
+@needs_cgroups
+def test_the_worker_waits_in_the_next_commands_cgroup(start_server) -> None:
+    """Between commands the worker waits in a fresh command cgroup of its
+    own, alone: the next command is born there without a move of the
+    worker before its spawn, and no command shares a cgroup with it."""
+    server = start_server("--pool-size", "1", "--containment", "cgroup")
+    path = server.socket_path
+    (worker,) = run(path, extended({"op": "status"})).status["worker_pids"]
+
+    def worker_cgroup() -> str:
+        with open(f"/proc/{worker}/cgroup") as f:
+            return next(x for x in f.read().splitlines() if x.startswith("0::")).rsplit("/", 1)[1]
+
+    def command_cgroup() -> str:
+        # Its own cgroup, then the worker's, while it still runs.
+        cmd = f"cat /proc/self/cgroup; sleep 0.5; cat /proc/{worker}/cgroup"
+        reply = run(path, extended({"cmd": cmd}))
+        mine, workers = (
+            x.rsplit("/", 1)[1] for x in reply.stdout.decode().splitlines() if x.startswith("0::")
+        )
+        assert workers != mine, "the worker stayed in the command's cgroup while it ran"
+        return mine
+
+    ran = [command_cgroup()]
+    for _ in range(3):
+        assert wait_for(lambda: worker_cgroup() != ran[-1], 5.0), ran
+        waiting = worker_cgroup()
+        assert waiting.startswith(f"cmd-{worker}-"), waiting
+        subtree = _subtree(server.pid)
+        assert subtree is not None
+        with open(os.path.join(subtree, waiting, "cgroup.procs")) as f:
+            assert f.read().split() == [str(worker)]
+        ran.append(command_cgroup())
+        assert ran[-1] == waiting, (ran, waiting)  # born where the worker waited
+
+
+def _own_cgroup() -> str:
+    with open("/proc/self/cgroup") as f:
+        return next(x for x in f.read().splitlines() if x.startswith("0::"))[3:]
+
+
+def _never_inside() -> None:
+    """In a forked "worker": CommandCgroups on a real subtree of its own."""
+    from errand_boy.server.containment import CommandCgroups, ServerCgroup
+
+    server = ServerCgroup(os.getpid())
+    server.set_up()
+    cgroups = CommandCgroups(server.base)
+    try:
+        first = cgroups.enter()
+        assert first.path.endswith(_own_cgroup()), (first.path, _own_cgroup())
+        child = subprocess.Popen(["sleep", "60"])  # born in it
+        first.kill()  # the worker steps out first, then the sleep dies
+        assert child.wait(10) == -signal.SIGKILL
+        assert not first.path.endswith(_own_cgroup())
+        waiting = cgroups.current
+        assert waiting is not None and cgroups.fresh and waiting.path.endswith(_own_cgroup())
+        assert cgroups.enter() is waiting  # born where the worker waits: no move
+        assert waiting.empty()  # not counting the worker, which stepped out to look
+        assert not waiting.path.endswith(_own_cgroup())
+        cgroups.release(waiting)
+        cgroups.release(first)
+    finally:
+        cgroups.close()
+        server.remove()
+
+
+@needs_cgroups
+def test_the_worker_is_never_in_a_cgroup_it_kills_or_judges() -> None:
+    pid = os.fork()
+    if pid == 0:  # (the "worker": it moves itself between cgroups)
+        code = 1
+        try:
+            _never_inside()
+            code = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the worker failed (or was killed with its cgroup)"
+
+
 def _pooled(master: int) -> Set[str]:
     """The names of the command cgroups in the server's subtree."""
     subtree = _subtree(master)

@@ -47,12 +47,14 @@ class Leaders:
         self.by_pid: Dict[int, Leader] = {}
         self.sweep_pending = False  # a SIGCHLD sweep stopped at a held leader
         self.sweep_timer: Optional[Any] = None
+        self.settling = False  # the move into a fresh cgroup waits for an idle moment
 
     def start(self, request: Request, rlimits: Rlimits, fds: Sequence[int]) -> Tuple[Child, Leader]:
         """Spawn ``request``'s command and hold its leader; raise SpawnError.
 
-        With cgroups, the worker enters a fresh cgroup for the spawn, so that
-        the command is born inside it, and leaves it at once.
+        With cgroups, the worker is in a fresh cgroup for the spawn, so that
+        the command is born inside it, and moves into the next fresh one
+        when the loop is next idle (see containment.py).
         """
         cgroups = self.cgroups
         if cgroups is None:
@@ -68,11 +70,17 @@ class Leaders:
             child = spawn(request, rlimits, fds)
             leader = _hold(child, cgroup)
         except BaseException:
-            cgroups.leave()
-            cgroups.release(cgroup)
+            cgroups.release(cgroup)  # (which moves the worker out of it first)
             raise
-        cgroups.leave()
+        if not self.settling:
+            self.settling = True
+            self.loop.when_idle(self.settle)
         return child, leader
+
+    def settle(self) -> None:
+        self.settling = False
+        if self.cgroups is not None:
+            self.cgroups.settle()
 
     def add(self, conn: Connection) -> None:
         """A command has started: watch its leader's pidfd."""
