@@ -30,7 +30,7 @@ from .harness import (
     ratio_at_most,
     timed,
 )
-from .server import server_has_option
+from .server import FloorServer, server_has_option
 from .streaming import PeakSampler, _all_workers, _settled, total_pss_mib
 
 #: Commands that take longer than this are a failure, not a figure.
@@ -50,9 +50,9 @@ def roundtrip(run: Run) -> List[Measure]:
     share of the round trip, without the client library).
     """
     pairs = run.repeat(500, 50)
-    with run.server() as server:
+    request = bare_request("true")
+    with run.server() as server, run.server("--containment", "group") as grouped, FloorServer() as floor:
         frames = UNIXSocketTransport(server.socket_path, frames=True)
-        request = bare_request("true")
         ways = (
             ("descriptors", lambda: server.transport.run_cmd("true"), ratio_at_most(1.15), ""),
             ("frames", lambda: frames.run_cmd("true"), ratio_at_most(1.15), ""),
@@ -62,6 +62,25 @@ def roundtrip(run: Run) -> List[Measure]:
                 None,
                 "; no target: run_cmd's request and descriptors from a bare socket, without the "
                 "client library (what the server costs on its own)",
+            ),
+            (
+                "descriptors, --containment group",
+                lambda: grouped.transport.run_cmd("true"),
+                None,
+                "; no target: the same server without a cgroup per command (what cgroup containment costs)",
+            ),
+            (
+                "floor: a minimal server, run_cmd",
+                lambda: floor.transport.run_cmd("true"),
+                None,
+                "; no target: bench/floor.py, one loop that spawns the request and answers P and X, "
+                "without pool, containment, limits or log (the least a server of this protocol costs)",
+            ),
+            (
+                "floor: a minimal server, bare socket",
+                lambda: raw_fd_run(floor.socket_path, request),
+                None,
+                "; no target: the minimal server from a bare socket (the least the exchange costs)",
             ),
         )
         measures = []

@@ -13,6 +13,7 @@ import functools
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -103,16 +104,20 @@ class BenchServer:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                self.transport.status()
+            if self.answers():
                 return
-            except OSError:  # ServerUnavailable, ConnectionLost: not up yet
-                pass
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"the server did not answer within {START_TIMEOUT:.0f} s:\n{self.log_tail()}"
                 )
             time.sleep(0.02)
+
+    def answers(self) -> bool:
+        try:
+            self.transport.status()
+            return True
+        except OSError:  # ServerUnavailable, ConnectionLost: not up yet
+            return False
 
     def status(self) -> Dict[str, Any]:
         return self.transport.status()
@@ -147,3 +152,20 @@ class BenchServer:
                     proc.wait()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class FloorServer(BenchServer):
+    """The minimal server of :mod:`bench.floor` (run_cmd's default
+    exchange only), started and stopped as the real one."""
+
+    @property
+    def args(self) -> List[str]:
+        return [sys.executable, "-m", "bench.floor", self.socket_path]
+
+    def answers(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(self.socket_path)  # (the floor drops a request-less connection)
+                return True
+            except OSError:
+                return False
