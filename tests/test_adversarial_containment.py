@@ -360,7 +360,8 @@ def _own_cgroup() -> str:
 
 def _never_inside() -> None:
     """In a forked "worker": CommandCgroups on a real subtree of its own."""
-    from errand_boy.server.containment import CommandCgroups, ServerCgroup
+    from errand_boy.server.command_cgroups import CommandCgroups
+    from errand_boy.server.containment import ServerCgroup
 
     server = ServerCgroup(os.getpid())
     server.set_up()

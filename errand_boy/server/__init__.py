@@ -11,11 +11,11 @@ import resource
 from ..defaults import resolve_socket_path
 from ..protocol import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_REQUEST_BYTES
 from .budget import DEFAULT_MAX_BUFFERED_BYTES, worker_share
+from .config import ServerConfig, WorkerConfig
 from .containment import MODES
 from .listener import AlreadyRunning
 from .logs import configure_logging
-from .master import ServerConfig, run_master
-from .worker import WorkerConfig
+from .master import run_master
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -31,7 +31,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Callable, FrozenSet, Iterator, List, Optional, Tuple
 
-    from .containment import Cgroup
+    from .command_cgroups import Cgroup
 
 _WAITED = os.WEXITED | os.WNOHANG | os.WNOWAIT
 

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 
-from .containment import Cgroup, CommandCgroups
+from .command_cgroups import Cgroup, CommandCgroups
 from .handles import Leader, kill_adopted, kill_session, zombie_children
 from .loop import IN, Loop
 from .spawn import Child, SpawnError, spawn

@@ -39,6 +39,7 @@ from .._ids import group_id
 from . import scoreboard as sb
 from . import systemd
 from ._libc import trim_heap
+from .config import ServerConfig as ServerConfig
 from .containment import ServerCgroup, choose
 from .handles import children
 from .listener import bind_unix_socket, remove_socket_file
@@ -46,7 +47,7 @@ from .logs import flush_summaries
 from .pidfile import PidFile
 from .scoreboard import Scoreboard
 from .spawn import snapshot_env
-from .worker import WORKER_SIGNALS, WorkerConfig, become_subreaper, worker_main
+from .worker import WORKER_SIGNALS, become_subreaper, worker_main
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -63,42 +64,6 @@ BACKOFF_MAX = 30.0
 #: Past the graceful timeout, how long workers get before they are killed.
 STOP_BACKSTOP = 10.0
 _STOP_SIGNALS = frozenset((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
-
-
-class ServerConfig:
-    """What the master is told (a plain class: no ``dataclasses`` in the server)."""
-
-    __slots__ = (  # noqa: RUF023  (the constructor's order)
-        "socket_path",
-        "pool_size",
-        "worker",
-        "socket_mode",
-        "socket_group",
-        "pidfile",
-        "containment",
-    )
-
-    def __init__(
-        self,
-        socket_path: str,
-        pool_size: int,
-        worker: WorkerConfig,
-        socket_mode: int = 0o600,
-        socket_group: Optional[str] = None,
-        pidfile: Optional[str] = None,
-        containment: str = "auto",
-    ) -> None:
-        self.socket_path = socket_path
-        self.pool_size = pool_size
-        self.worker = worker
-        self.socket_mode = socket_mode
-        self.socket_group = socket_group
-        self.pidfile = pidfile
-        self.containment = containment
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"ServerConfig({shown})"
 
 
 def raise_nofile_limit() -> None:

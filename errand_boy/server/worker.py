@@ -30,8 +30,9 @@ from . import scoreboard as sb
 from ._libc import prctl as _prctl
 from .accept_guard import AcceptGuard
 from .budget import RequestBudget
+from .command_cgroups import CommandCgroups
+from .config import WorkerConfig as WorkerConfig
 from .connection import Connection
-from .containment import CommandCgroups
 from .fastpath import first_read
 from .leaders import Leaders
 from .listener import peer_credentials
@@ -42,9 +43,8 @@ from .spawn import prepare as prepare_spawn
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Deque, Dict, FrozenSet, Optional, Set, Tuple
+    from typing import Any, Deque, Dict, Optional, Set, Tuple
 
-    from .spawn import Rlimits
 
 log = logging.getLogger("errand_boy.server")
 
@@ -58,77 +58,6 @@ WORKER_SIGNALS = frozenset(
 #: only seen by looking.
 QUEUE_POLL = 0.005
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-
-
-class WorkerConfig:
-    """What every worker is told; not changed once made (``replace`` makes a copy).
-
-    (A plain class: ``dataclasses`` would load ``inspect`` and ``ast`` into
-    every server process.)
-    """
-
-    __slots__ = (  # noqa: RUF023  (the constructor's order)
-        "max_request_bytes",
-        "max_frame_bytes",
-        "max_child_tasks",
-        "max_buffered_bytes",
-        "max_accepts",
-        "request_timeout",
-        "max_concurrent",
-        "queue_timeout",
-        "default_timeout",
-        "graceful_timeout",
-        "rlimits",
-        "allow_uids",
-        "allow_gids",
-        "containment",
-        "cgroup_base",
-    )
-
-    def __init__(
-        self,
-        max_request_bytes: int,
-        max_frame_bytes: int,
-        max_child_tasks: int = 0,
-        max_buffered_bytes: int = 0,
-        max_accepts: int = 0,
-        request_timeout: float = 10.0,
-        max_concurrent: int = 256,
-        queue_timeout: float = 30.0,
-        default_timeout: Optional[float] = None,
-        graceful_timeout: float = 30.0,
-        rlimits: Rlimits = (),
-        allow_uids: FrozenSet[int] = frozenset(),
-        allow_gids: FrozenSet[int] = frozenset(),
-        containment: str = "group",
-        cgroup_base: Optional[str] = None,
-    ) -> None:
-        self.max_request_bytes = max_request_bytes
-        self.max_frame_bytes = max_frame_bytes
-        self.max_child_tasks = max_child_tasks
-        #: This worker's share of --max-buffered-bytes (0: no cap).
-        self.max_buffered_bytes = max_buffered_bytes
-        self.max_accepts = max_accepts
-        self.request_timeout = request_timeout
-        self.max_concurrent = max_concurrent
-        self.queue_timeout = queue_timeout
-        self.default_timeout = default_timeout
-        self.graceful_timeout = graceful_timeout
-        self.rlimits = rlimits
-        self.allow_uids = allow_uids
-        self.allow_gids = allow_gids
-        self.containment = containment  # in force: "cgroup" or "group"
-        self.cgroup_base = cgroup_base  # this server's cgroup subtree
-
-    def replace(self, **changes: Any) -> WorkerConfig:
-        """A copy with ``changes`` (as ``dataclasses.replace``)."""
-        values = {name: getattr(self, name) for name in self.__slots__}
-        values.update(changes)
-        return WorkerConfig(**values)
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"WorkerConfig({shown})"
 
 
 def become_subreaper() -> bool:
