@@ -111,6 +111,44 @@ def outcome(call: Callable[[], Any]) -> Any:
     )  # fmt: skip
 
 
+class FakeServer:
+    """A listener at ``path`` that serves ``count`` connections in a thread:
+    ``answer(conn)`` first, if given, then it keeps what the client sends
+    until the client closes (``received``, one entry per connection)."""
+
+    def __init__(
+        self, path: str, count: int, answer: Optional[Callable[[socket.socket], None]] = None
+    ) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(8)
+        self.count, self.answer = count, answer
+        self.received: List[bytes] = []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+
+    def serve(self) -> None:
+        for _ in range(self.count):
+            conn, _ = self.listener.accept()
+            with conn:
+                if self.answer is not None:
+                    self.answer(conn)
+                data = b""
+                while True:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                self.received.append(data)
+
+    def __enter__(self) -> FakeServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.thread.join(10)
+        self.listener.close()
+
+
 def both(paths: Paths, call: Callable[[], Any], taken: bool = True) -> Any:
     fast = paths.fast(call, taken)
     assert fast == paths.general(call)
@@ -240,37 +278,18 @@ def test_run_gives_up_on_a_server_that_ignores_its_timeout(
     # for the timeout and its grace, gives the command up (K 9, then the
     # connection closed) and raises TimeoutExpired, on both paths.
     monkeypatch.setattr(client, "TIMEOUT_GRACE", 0.2)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(os.path.join(sock_dir, "mute"))
-    listener.listen(8)
-    received: List[bytes] = []
 
-    def serve() -> None:
-        for _ in range(2):
-            conn, _ = listener.accept()
-            with conn:
-                request = conn.recv(65536)
-                while not request.endswith(protocol.TERMINATOR):
-                    request += conn.recv(65536)
-                conn.sendall(protocol.started_frame(4242))
-                rest = b""
-                while True:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    rest += chunk
-                received.append(rest)
+    def start_and_say_nothing(conn: socket.socket) -> None:
+        request = conn.recv(65536)
+        while not request.endswith(protocol.TERMINATOR):
+            request += conn.recv(65536)
+        conn.sendall(protocol.started_frame(4242))
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        where = listener.getsockname()
+    where = os.path.join(sock_dir, "mute")
+    with FakeServer(where, 2, start_and_say_nothing) as server:
         result = both(paths, lambda: client.run("true", capture_output=True, timeout=0.1, socket_path=where))
-        thread.join(10)
-    finally:
-        listener.close()
     assert result[1] is subprocess.TimeoutExpired and result[3]["timeout"] == 0.1, result
-    assert received == [protocol.signal_frame(9)] * 2
+    assert server.received == [protocol.signal_frame(9)] * 2
 
 
 def test_untrusted_server_is_refused_before_a_byte(
@@ -294,37 +313,15 @@ def test_nothing_reaches_an_untrusted_server(
     from errand_boy.client import _trust
 
     monkeypatch.setattr(_trust, "peer_uid", lambda sock: 4242)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(os.path.join(sock_dir, "impostor"))
-    listener.listen(8)
-    received: List[bytes] = []
-
-    def serve() -> None:
-        for _ in range(4):
-            conn, _ = listener.accept()
-            with conn:
-                data = b""
-                while True:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                received.append(data)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        where = listener.getsockname()
+    where = os.path.join(sock_dir, "impostor")
+    with FakeServer(where, 4) as server:
         for call in (
             lambda: client.run_cmd("true", "input", socket_path=where),
             lambda: client.run("true", capture_output=True, socket_path=where),
         ):
             result = both(paths, call)
             assert result[1].__name__ == "UntrustedServer", result
-        thread.join(10)
-    finally:
-        listener.close()
-    assert received == [b"", b"", b"", b""]
+    assert server.received == [b"", b"", b"", b""]
 
 
 def test_large_input_and_other_options_take_the_general_path(paths: Paths, path: str) -> None:
