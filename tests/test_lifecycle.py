@@ -276,6 +276,30 @@ def test_garbage_collected_popen_kills_its_group(start_server, groups):
     assert wait_for(lambda: not group_members(pid), 2.0), f"left in group {pid}: {group_members(pid)}"
 
 
+@pytest.mark.parametrize("containment", ["cgroup", "group"])
+def test_orphans_are_reaped_while_their_command_runs(start_server, groups, containment):
+    """A double fork's child is re-parented to the worker (a subreaper) and
+    exits while its command still runs: no SIGCHLD reaches the worker, so
+    its once-a-second sweep reaps it, long before the command ends."""
+    if containment == "cgroup" and os.geteuid() != 0:
+        pytest.skip("cgroup containment needs root here")
+    path = start_server("--pool-size", "1", "--containment", containment).socket_path
+    transport = UNIXSocketTransport(path)
+    (worker,) = transport.status()["worker_pids"]
+    process = transport.Popen("(sleep 0.8 &); echo forked; sleep 6")
+    groups.append(process.pid)
+    try:
+        assert process.stdout.readline() == b"forked\n"
+        adopted = [pid for pid in live_children(worker) if pid != process.pid]
+        assert len(adopted) == 1, adopted  # the orphan, re-parented to the worker
+        assert wait_for(lambda: proc_stat(adopted[0]) is None, 3.0, 0.02), "the orphan stayed a zombie"
+        assert process.poll() is None, "the command ended before the orphan's end could be checked"
+    finally:
+        process.kill()
+        process.wait()
+    assert not zombie_children([worker])
+
+
 # --------------------------------------------------------------------------
 # 2. timeouts: the request's own, the server's default
 

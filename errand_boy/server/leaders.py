@@ -4,7 +4,9 @@ A command's leader is held through a pidfd in the worker's epoll loop and
 stays unreaped until its command is over (see handles.py), so its process
 group id cannot be reused while the worker may signal it. The worker is a
 child subreaper: orphaned descendants of its commands are re-parented to
-it, and reaped on ``SIGCHLD``. With cgroup containment each command is
+it, and reaped by a sweep (``waitid``) after each leader is reaped and
+once a second (no ``SIGCHLD`` is delivered to the worker: see worker.py).
+With cgroup containment each command is
 spawned inside a cgroup of its own (see containment.py), killed and
 removed once the command is over.
 """
@@ -111,8 +113,7 @@ class Leaders:
         result = leader.reap()
         del self.held[leader]
         del self.by_pid[leader.pid]
-        if self.sweep_pending:
-            self.reap()  # the children it hid
+        self.reap()  # orphans of its tree (killed with it), and the children it hid
         return result
 
     def release(self, leader: Leader) -> None:
@@ -135,7 +136,8 @@ class Leaders:
                 self.release(leader)
 
     def reap(self) -> None:
-        """Reap adopted orphans that have exited (on SIGCHLD).
+        """Reap adopted orphans that have exited (one ``waitid`` when there
+        are none: after each leader, and once a second).
 
         Leaders are reaped through their pidfds. One held until its
         command finishes hides the children behind it from waitid(P_ALL):

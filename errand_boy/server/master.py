@@ -47,7 +47,7 @@ from .logs import flush_summaries
 from .pidfile import PidFile
 from .scoreboard import Scoreboard
 from .spawn import snapshot_env
-from .worker import WORKER_SIGNALS, become_subreaper, worker_main
+from .worker import BLOCKED_AT_FORK, become_subreaper, worker_main
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -245,7 +245,7 @@ class Master:
         )
         # Signals wait (blocked) until the new worker has its own handlers;
         # one that came in between would otherwise be lost to the master's.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_AT_FORK)
         try:
             proc.start()
         finally:
