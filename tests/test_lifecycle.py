@@ -297,7 +297,22 @@ def test_orphans_are_reaped_while_their_command_runs(start_server, groups, conta
     finally:
         process.kill()
         process.wait()
-    assert not zombie_children([worker])
+
+
+@pytest.mark.parametrize("containment", ["cgroup", "group"])
+def test_a_finished_trees_last_processes_are_reaped_soon(start_server, containment):
+    """The leader exits, its child (re-parented to the worker) is killed with
+    the group as the command ends, and dies an instant after the sweep that
+    follows the leader's reaping: a second sweep 50 ms on reaps it."""
+    if containment == "cgroup" and os.geteuid() != 0:
+        pytest.skip("cgroup containment needs root here")
+    path = start_server("--pool-size", "1", "--containment", containment).socket_path
+    transport = UNIXSocketTransport(path)
+    (worker,) = transport.status()["worker_pids"]
+    for _ in range(3):
+        process, _, _ = transport.run_cmd("sleep 30 & exit 0")
+        assert process.returncode == 0
+        assert wait_for(lambda: not zombie_children([worker]), 0.4, 0.01), zombie_children([worker])
 
 
 # --------------------------------------------------------------------------

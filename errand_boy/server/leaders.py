@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("errand_boy.server")
 
 _WAITED = os.WEXITED | os.WNOHANG | os.WNOWAIT
+#: A sweep this long after a leader is reaped (seconds): what its tree's
+#: kill left dying, re-parented to the worker, is reaped then rather than
+#: at the once-a-second sweep.
+DYING_SWEEP = 0.05
 #: How long orphans hidden behind a held leader may stay zombies.
 HELD_SWEEP = 1.0
 _SIGKILL = signal.SIGKILL
@@ -49,6 +53,7 @@ class Leaders:
         self.by_pid: Dict[int, Leader] = {}
         self.sweep_pending = False  # a SIGCHLD sweep stopped at a held leader
         self.sweep_timer: Optional[Any] = None
+        self.dying_timer: Optional[Any] = None  # a sweep for a finished tree's last processes
         self.settling = False  # the move into a fresh cgroup waits for an idle moment
 
     def start(self, request: Request, rlimits: Rlimits, fds: Sequence[int]) -> Tuple[Child, Leader]:
@@ -114,7 +119,13 @@ class Leaders:
         del self.held[leader]
         del self.by_pid[leader.pid]
         self.reap()  # orphans of its tree (killed with it), and the children it hid
+        if self.dying_timer is None:  # those killed with it that were still dying
+            self.dying_timer = self.loop.call_later(DYING_SWEEP, self.sweep_dying)
         return result
+
+    def sweep_dying(self) -> None:
+        self.dying_timer = None
+        self.reap()
 
     def release(self, leader: Leader) -> None:
         """Kill what is left of the command's cgroup and remove it."""
