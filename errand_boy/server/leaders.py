@@ -4,8 +4,9 @@ A command's leader is held through a pidfd in the worker's epoll loop and
 stays unreaped until its command is over (see handles.py), so its process
 group id cannot be reused while the worker may signal it. The worker is a
 child subreaper: orphaned descendants of its commands are re-parented to
-it, and reaped by a sweep (``waitid``) after each leader is reaped and
-once a second (no ``SIGCHLD`` is delivered to the worker: see worker.py).
+it, and reaped by a sweep (``waitid``) after each leader is reaped, again
+50 ms later, and once a second (no ``SIGCHLD`` is delivered to the worker:
+see worker.py).
 With cgroup containment each command is
 spawned inside a cgroup of its own (see containment.py), killed and
 removed once the command is over.
@@ -148,7 +149,7 @@ class Leaders:
 
     def reap(self) -> None:
         """Reap adopted orphans that have exited (one ``waitid`` when there
-        are none: after each leader, and once a second).
+        are none: after each leader and 50 ms later, and once a second).
 
         Leaders are reaped through their pidfds. One held until its
         command finishes hides the children behind it from waitid(P_ALL):

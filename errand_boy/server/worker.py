@@ -8,8 +8,8 @@ never reap them. A command's leader is reaped through its pidfd, which is
 in the epoll loop (see handles.py: it stays unreaped until its command is
 finished). ``SIGCHLD`` stays at its default (nothing is delivered: a
 signal per command cost about 15 microseconds of the worker's time);
-adopted orphans are reaped by a sweep after each leader and once a second
-(see leaders.py).
+adopted orphans are reaped by a sweep after each leader (and 50 ms later)
+and once a second (see leaders.py).
 """
 
 from __future__ import annotations
