@@ -45,9 +45,12 @@ def local_run(cmd: str) -> subprocess.CompletedProcess[bytes]:
 def roundtrip(run: Run) -> List[Measure]:
     """Median wall time of one ``true``: ``run_cmd`` against ``subprocess.run``.
 
-    Descriptors (the default), then frames (relayed through the socket),
-    then run_cmd's exchange from a bare socket (no target: the server's
-    share of the round trip, without the client library).
+    Descriptors (the default), then frames (relayed through the socket).
+    Without targets, what tells where the time goes: run_cmd's exchange
+    from a bare socket (the server's share, without the client library),
+    the server with ``--containment group`` (what cgroups cost), and the
+    minimal server of :mod:`bench.floor` from run_cmd and from a bare
+    socket (the least any server of this protocol costs).
     """
     pairs = run.repeat(500, 50)
     request = bare_request("true")

@@ -37,20 +37,18 @@ class Cgroup:
 
     __slots__ = ("events", "owner", "path", "procs")
 
-    def __init__(self, path: str, owner: Optional[CommandCgroups] = None) -> None:
+    def __init__(self, path: str, owner: CommandCgroups) -> None:
         self.path = path
         self.owner = owner
         self.procs = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
         self.events = os.open(os.path.join(path, "cgroup.events"), os.O_RDONLY | os.O_CLOEXEC)
 
     def kill(self) -> None:
-        if self.owner is not None:
-            self.owner.step_out(self)  # never with the worker inside
+        self.owner.step_out(self)  # never with the worker inside
         kill_cgroup(self.path)
 
     def empty(self) -> bool:
-        if self.owner is not None:
-            self.owner.step_out(self)  # (the worker would make it populated)
+        self.owner.step_out(self)  # (the worker would make it populated)
         return b"populated 0" in os.pread(self.events, 256, 0)
 
     def close(self) -> None:
